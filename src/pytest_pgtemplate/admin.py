@@ -1,0 +1,203 @@
+"""Database-level operations on the maintenance database: create, clone, mark, drop, lock.
+
+``Admin`` owns one autocommit asyncpg connection to the server's maintenance database.
+It only ever alters or drops databases whose marker says they are ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from sqlalchemy.engine import URL
+
+from . import errors
+from .db import connect, where
+from .errors import PgTemplateError
+from .naming import Marker, ident, sql
+
+MIN_SERVER_MAJOR = 13
+CLONE_RETRY_SECONDS = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseInfo:
+    name: str
+    marker: Marker | None
+    is_template: bool
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``."""
+    digest = hashlib.blake2b(f"pytest-pgtemplate:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class Admin:
+    """The admin connection: DDL on databases and advisory locks, nothing else."""
+
+    def __init__(self, url: URL, conn: asyncpg.Connection, major: int) -> None:
+        self.url = url
+        self.conn = conn
+        self.major = major
+
+    @classmethod
+    async def open(cls, url: URL) -> Admin:
+        conn = await connect(url)
+        major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+        if major < MIN_SERVER_MAJOR:
+            await conn.close()
+            raise PgTemplateError(
+                f"pytest-pgtemplate: the server at {where(url)} runs PostgreSQL {major}; "
+                f"PostgreSQL {MIN_SERVER_MAJOR} or newer is required (DROP DATABASE ... WITH "
+                "(FORCE)). Point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a newer server.",
+                setting="url",
+            )
+        return cls(url, conn, major)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def info(self, name: str) -> DatabaseInfo | None:
+        row = await self.conn.fetchrow(
+            "SELECT datistemplate, shobj_description(oid, 'pg_database') AS comment "
+            "FROM pg_database WHERE datname = $1",
+            name,
+        )
+        if row is None:
+            return None
+        return DatabaseInfo(name, Marker.parse(row["comment"]), bool(row["datistemplate"]))
+
+    async def create(self, name: str, marker: Marker, template: str | None = None,
+                     strategy: str | None = None) -> None:
+        """CREATE DATABASE (optionally from a template), then mark it ours.
+
+        A clone retries while the template is briefly in use by another session
+        (SQLSTATE 55006), with bounded backoff.
+        """
+        if template is None:
+            statement = sql("CREATE DATABASE {}", name)
+        elif strategy is not None and self.major >= 15:
+            statement = sql("CREATE DATABASE {} TEMPLATE {}", name, template) + (
+                " STRATEGY FILE_COPY" if strategy == "file_copy" else " STRATEGY WAL_LOG"
+            )
+        else:
+            statement = sql("CREATE DATABASE {} TEMPLATE {}", name, template)
+        deadline = time.monotonic() + CLONE_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                await self.conn.execute(statement)
+                break
+            except asyncpg.PostgresError as exc:
+                code = errors.sqlstate(exc)
+                if code == errors.OBJECT_IN_USE and time.monotonic() < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise self._create_error(name, template, exc) from exc
+        await self.mark(name, marker)
+
+    def _create_error(self, name: str, template: str | None,
+                      exc: asyncpg.PostgresError) -> PgTemplateError:
+        code = errors.sqlstate(exc)
+        if code == errors.INSUFFICIENT_PRIVILEGE:
+            return PgTemplateError(
+                f"pytest-pgtemplate: cannot create database {name!r} on {where(self.url)}: role "
+                f"{self.url.username!r} lacks CREATEDB. Run ALTER ROLE ... CREATEDB, or set "
+                "--pgt-url / PGTEMPLATE_URL / pgtemplate_url to a role that has it.",
+                setting="url",
+            )
+        if code == errors.OBJECT_IN_USE:
+            return PgTemplateError(
+                f"pytest-pgtemplate: cannot clone {template!r} into {name!r}: other sessions kept "
+                f"using the template for {CLONE_RETRY_SECONDS:.0f} s ({exc}). Close connections "
+                "to the template database.",
+            )
+        return PgTemplateError(f"pytest-pgtemplate: CREATE DATABASE {name!r} failed: {exc}")
+
+    async def mark(self, name: str, marker: Marker) -> None:
+        # COMMENT takes no bind parameters: let the server quote the value.
+        statement = await self.conn.fetchval(
+            "SELECT format('COMMENT ON DATABASE %I IS %L', $1::text, $2::text)", name, marker.text()
+        )
+        await self.conn.execute(statement)
+
+    async def terminate(self, name: str) -> int:
+        """Close every other session on ``name``; returns how many there were."""
+        rows = await self.conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        return len(rows)
+
+    async def finalize_template(self, building: str, final: str, marker: Marker) -> None:
+        """Publish a fully built database as the template ``final``.
+
+        The marker saying kind=template is written last: a crash at any earlier
+        step leaves a database a later run recognises as unfinished and rebuilds.
+        """
+        await self.terminate(building)
+        await self.conn.execute(
+            sql("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true", building)
+        )
+        await self.terminate(building)
+        await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", building, final))
+        await self.mark(final, marker)
+
+    async def drop_ours(self, name: str) -> bool:
+        """Drop ``name`` if it exists and carries our marker; never touch anything else.
+
+        Returns False if there was nothing of ours to drop.
+        """
+        info = await self.info(name)
+        if info is None or info.marker is None:
+            return False
+        if info.is_template:
+            await self.conn.execute(sql("ALTER DATABASE {} WITH IS_TEMPLATE false", name))
+        await self.conn.execute(sql("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
+        return True
+
+    async def lock(self, name: str, timeout: float, what: str) -> None:
+        """Take the session advisory lock for ``name``, waiting at most ``timeout`` seconds.
+
+        Advisory locks only conflict within one database; this connection is always
+        on the maintenance database, so every run on the server sees the same lock.
+        """
+        key = lock_key(name)
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while not await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            if time.monotonic() >= deadline:
+                holder = await self.lock_holder(key)
+                raise PgTemplateError(
+                    f"pytest-pgtemplate: gave up after {timeout:.0f} s waiting for {what} "
+                    f"(advisory lock held by {holder}). Wait for it to finish or stop it, or raise "
+                    "--pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout.",
+                    setting="timeout",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def unlock(self, name: str) -> None:
+        await self.conn.fetchval("SELECT pg_advisory_unlock($1)", lock_key(name))
+
+    async def lock_holder(self, key: int) -> str:
+        row = await self.conn.fetchrow(
+            "SELECT a.pid, a.application_name, a.client_addr::text AS addr, "
+            "now() - a.backend_start AS age FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+            key,
+        )
+        if row is None:
+            return "a session that has since gone"
+        app = row["application_name"] or "no application_name"
+        return f"pid {row['pid']} ({app}, {row['addr'] or 'local'})"
+
+
+__all__ = ["Admin", "DatabaseInfo", "ident", "lock_key"]

@@ -1,0 +1,118 @@
+"""Connections: a private event loop for all plugin DB work, and connecting with clear errors.
+
+Everything the plugin itself does on the server (admin DDL, advisory locks, resets)
+runs on one private asyncio loop in a daemon thread.  asyncpg connections belong to
+the loop that opened them, and tests run on loops pytest-asyncio creates and closes
+at will; keeping our connections on our own loop makes them independent of the
+user's loop scopes, and lets sync pytest hooks and fixtures call us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import asyncpg
+from sqlalchemy.engine import URL, make_url
+
+from . import errors
+from .errors import PgTemplateError
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 5.0
+APPLICATION_NAME = "pytest-pgtemplate"
+
+
+class LoopThread:
+    """A private asyncio loop on a daemon thread; ``run()`` blocks until a coroutine is done."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pytest-pgtemplate-db", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+def parse_url(raw: str, source: str) -> URL:
+    """Parse a server URL the user gave; any PostgreSQL driver spelling is accepted."""
+    try:
+        url = make_url(raw)
+    except Exception as exc:  # sqlalchemy raises ArgumentError and ValueError subclasses
+        raise errors.ConfigError(
+            f"pytest-pgtemplate: cannot parse the server URL {raw!r} (from {source}): {exc}. "
+            "Expected e.g. postgresql://user:password@127.0.0.1:5432/postgres; "
+            "set --pgt-url / PGTEMPLATE_URL / pgtemplate_url.",
+            setting="url",
+        ) from exc
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise errors.ConfigError(
+            f"pytest-pgtemplate: the server URL {url.render_as_string()!r} (from {source}) is not a "
+            "PostgreSQL URL; set --pgt-url / PGTEMPLATE_URL / pgtemplate_url to postgresql://...",
+            setting="url",
+        )
+    return url.set(drivername="postgresql", database=url.database or "postgres")
+
+
+def with_driver(url: URL, driver: str, database: str) -> URL:
+    """The URL of ``database`` on the same server, for SQLAlchemy with ``driver``."""
+    return url.set(drivername=f"postgresql+{driver}", database=database)
+
+
+def where(url: URL) -> str:
+    """``user@host:port/db`` with no password, for messages."""
+    host = url.host or url.query.get("host") or "localhost"
+    return f"{url.username or ''}@{host}:{url.port or 5432}/{url.database}"
+
+
+async def connect(url: URL, database: str | None = None) -> asyncpg.Connection:
+    """Open an asyncpg connection to ``database`` (default: the URL's), mapping failures to
+    messages that name the server and the setting to change."""
+    target = url.set(database=database or url.database, drivername="postgresql")
+    dsn = target.render_as_string(hide_password=False)
+    try:
+        return await asyncpg.connect(
+            dsn,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise PgTemplateError(
+            f"pytest-pgtemplate: cannot reach PostgreSQL at {where(target)} ({exc or type(exc).__name__}). "
+            "Start the server, or point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a running one.",
+            setting="url",
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        raise _connect_error(target, exc) from exc
+
+
+def _connect_error(target: URL, exc: asyncpg.PostgresError) -> PgTemplateError:
+    code = errors.sqlstate(exc)
+    if code in (errors.INVALID_PASSWORD, errors.INVALID_AUTHORIZATION):
+        what = f"authentication failed for user {target.username!r}"
+        fix = "fix the user/password in"
+    elif code == errors.INVALID_CATALOG_NAME:
+        what = f"database {target.database!r} does not exist"
+        fix = "name an existing maintenance database (e.g. /postgres) in"
+    else:
+        what = f"connection refused by the server: {exc}"
+        fix = "check"
+    return PgTemplateError(
+        f"pytest-pgtemplate: cannot connect to {where(target)}: {what}; "
+        f"{fix} --pgt-url / PGTEMPLATE_URL / pgtemplate_url.",
+        setting="url",
+    )

@@ -1,0 +1,44 @@
+"""The one exception type the plugin raises, and SQLSTATE helpers.
+
+Every message names what failed, the object it failed on, the setting that
+controls it and the fix.  The original driver error is chained with ``from``
+so ``--tb=long`` still shows it, but the user reads our sentence first.
+"""
+
+from __future__ import annotations
+
+# SQLSTATE codes we branch on (never on message text).
+OBJECT_IN_USE = "55006"
+DUPLICATE_DATABASE = "42P04"
+INVALID_CATALOG_NAME = "3D000"
+LOCK_NOT_AVAILABLE = "55P03"
+INSUFFICIENT_PRIVILEGE = "42501"
+INVALID_PASSWORD = "28P01"  # noqa: S105 (an SQLSTATE)
+INVALID_AUTHORIZATION = "28000"
+
+
+class PgTemplateError(Exception):
+    """A failure the user can act on; the message says how.
+
+    ``setting`` names the option that controls the failing behaviour, if any,
+    so the pytest glue can turn configuration mistakes into usage errors.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class ConfigError(PgTemplateError):
+    """Bad configuration: reported as a pytest usage error, before any test runs."""
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """Return the SQLSTATE of a driver error (asyncpg or psycopg), else None."""
+    for attr in ("sqlstate", "pgcode"):
+        code = getattr(exc, attr, None)
+        if isinstance(code, str):
+            return code
+    diag = getattr(exc, "diag", None)
+    code = getattr(diag, "sqlstate", None)
+    return code if isinstance(code, str) else None

@@ -1,0 +1,243 @@
+"""Migrators: how an empty database gets its schema.  Here: Alembic ``upgrade head``.
+
+A migrator runs in a fresh thread with no event loop, so an async ``env.py`` that
+calls ``asyncio.run()`` itself works, and nothing runs on a test's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from .errors import ConfigError, PgTemplateError
+from .fingerprint import tree_inputs
+
+ALEMBIC_SETTING = "--pgt-alembic-ini / PGTEMPLATE_ALEMBIC_INI / pgtemplate_alembic_ini"
+
+
+class Migrator(Protocol):
+    """Gives an empty database its schema; ``inputs()`` feed the fingerprint."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def inputs(self) -> list[tuple[str, bytes]]: ...
+
+    def migrate(self, url: URL) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def run_in_fresh_thread(func: Callable[[], None]) -> None:
+    """Run ``func`` in a new thread (no running event loop there) and re-raise its error."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            func()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="pytest-pgtemplate-migrate")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def find_alembic_ini(explicit: Path | None, source: str, rootdir: Path) -> Path:
+    """The alembic.ini to use; a clear error names the setting when there is none."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(
+                f"pytest-pgtemplate: alembic.ini not found at {explicit} (from {source}); "
+                f"set {ALEMBIC_SETTING} to your alembic.ini.",
+                setting="alembic_ini",
+            )
+        return explicit
+    candidate = rootdir / "alembic.ini"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"pytest-pgtemplate: no way to build the template: no alembic.ini in the rootdir "
+        f"({rootdir}). Set {ALEMBIC_SETTING} to your alembic.ini.",
+        setting="alembic_ini",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AlembicMigrator:
+    """``alembic upgrade head`` with the template database's URL (or connection)."""
+
+    ini: Path
+    kind: str = "alembic"
+
+    def _config(self) -> Config:
+        cfg = Config(str(self.ini))
+        location = cfg.get_main_option("script_location")
+        if location is None:
+            raise ConfigError(
+                f"pytest-pgtemplate: {self.ini} has no script_location in [alembic]; fix it or "
+                f"set {ALEMBIC_SETTING} to the right alembic.ini.",
+                setting="alembic_ini",
+            )
+        if ":" not in location and not Path(location).is_absolute():
+            # Alembic resolves relative paths against the cwd; pytest may run from anywhere.
+            cfg.set_main_option("script_location", str(self.ini.parent / location))
+        return cfg
+
+    def script_dir(self) -> Path:
+        cfg = self._config()
+        try:
+            return Path(ScriptDirectory.from_config(cfg).dir)
+        except Exception as exc:
+            raise ConfigError(
+                f"pytest-pgtemplate: Alembic cannot load the migrations of {self.ini}: {exc}. "
+                f"Fix script_location, or set {ALEMBIC_SETTING}.",
+                setting="alembic_ini",
+            ) from exc
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        cfg = self._config()
+        found = tree_inputs(self.script_dir(), "scripts")
+        for extra in (cfg.get_main_option("version_locations") or "").replace(",", " ").split():
+            path = Path(extra) if Path(extra).is_absolute() else self.ini.parent / extra
+            if path.is_dir():
+                found += tree_inputs(path, f"versions:{extra}")
+        options = sorted(
+            (k, v) for k, v in cfg.get_section(cfg.config_ini_section, {}).items()
+            if k not in ("sqlalchemy.url", "here")
+        )
+        found.append(("alembic-options", repr(options).encode()))
+        return found
+
+    def describe(self) -> str:
+        return f"alembic upgrade head ({self.ini})"
+
+    def migrate(self, url: URL) -> None:
+        cfg = self._config()
+        script_dir = self.script_dir()
+        env_py = (script_dir / "env.py").read_text(errors="replace")
+        wants_connection = "attributes" in env_py
+        target = _driver_url(cfg, url)
+        cfg.set_main_option("sqlalchemy.url", target.render_as_string(False).replace("%", "%%"))
+
+        def upgrade() -> None:
+            with _preserved_logging(), _cwd(self.ini.parent):
+                if wants_connection:
+                    asyncio.run(_upgrade_with_connection(cfg, url))
+                else:
+                    command.upgrade(cfg, "head")
+
+        try:
+            run_in_fresh_thread(upgrade)
+        except PgTemplateError:
+            raise
+        except Exception as exc:
+            raise migration_error(exc, script_dir) from exc
+
+
+async def _upgrade_with_connection(cfg: Config, url: URL) -> None:
+    """The Alembic cookbook's connection sharing: env.py finds our connection in
+    ``config.attributes["connection"]``."""
+    engine = create_async_engine(url.set(drivername="postgresql+asyncpg"), poolclass=NullPool)
+
+    def run(connection: Connection) -> None:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+def _driver_url(cfg: Config, url: URL) -> URL:
+    """Keep the driver the project's alembic.ini names (e.g. +asyncpg, +psycopg)."""
+
+    configured = cfg.get_main_option("sqlalchemy.url")
+    driver = "postgresql+asyncpg"
+    if configured:
+        try:
+            name = make_url(configured).drivername
+        except Exception:  # an unparsable placeholder: the env.py must not rely on it
+            name = ""
+        if name.startswith("postgresql"):
+            driver = name
+    return url.set(drivername=driver)
+
+
+def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
+    """Name the revision (and file) whose code raised, from the traceback."""
+    culprit: Path | None = None
+    for frame, _line in traceback.walk_tb(exc.__traceback__):
+        path = Path(frame.f_code.co_filename)
+        if path.name != "env.py" and script_dir in path.parents:
+            culprit = path
+    where = "while running env.py"
+    if culprit is not None:
+        revision = _revision_id(culprit)
+        where = f"in revision {revision} ({culprit.relative_to(script_dir.parent)})"
+    return PgTemplateError(
+        f"pytest-pgtemplate: migration failed {where}: {type(exc).__name__}: {exc}. "
+        "The template was not published; fix the migration and run again."
+    )
+
+
+def _revision_id(path: Path) -> str:
+    for line in path.read_text(errors="replace").splitlines():
+        if line.replace(" ", "").startswith(("revision=", "revision:str=")):
+            return line.split("=", 1)[1].strip().strip("'\"")
+    return path.stem
+
+
+@contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    # Alembic resolves prepend_sys_path and relative paths in env.py against the
+    # cwd, as when the user runs `alembic upgrade head` next to alembic.ini.  The
+    # main thread is blocked waiting for us meanwhile.
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextmanager
+def _preserved_logging() -> Iterator[None]:
+    """env.py usually calls logging.config.fileConfig, which replaces the root handlers
+    and disables existing loggers; undo that so pytest's logging keeps working."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    loggers = {
+        name: (lg.disabled, lg.level)
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, lg in logging.Logger.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.disabled, _ = loggers.get(name, (False, lg.level))
+                if name in loggers:
+                    lg.setLevel(loggers[name][1])

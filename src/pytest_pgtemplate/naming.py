@@ -1,0 +1,92 @@
+"""Database names, identifier quoting, and the marker that says "this database is ours".
+
+Every database name that reaches SQL goes through ``ident()`` (via ``sql()``);
+nothing else in the package formats names into SQL text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import LiteralString
+
+from .errors import ConfigError
+
+MAX_IDENT_BYTES = 63
+MARKER_TAG = "pytest-pgtemplate"
+FORMAT_VERSION = 1
+
+TEMPLATE = "template"
+BUILDING = "building"
+WORKER = "worker"
+
+
+def ident(name: str) -> str:
+    """Quote ``name`` as a PostgreSQL identifier; refuse names PostgreSQL would truncate."""
+    if not name or "\x00" in name:
+        raise ConfigError(f"pytest-pgtemplate: {name!r} is not a valid database name")
+    if len(name.encode()) > MAX_IDENT_BYTES:
+        raise ConfigError(
+            f"pytest-pgtemplate: database name {name!r} is longer than {MAX_IDENT_BYTES} bytes "
+            "and PostgreSQL would silently truncate it; shorten --pgt-prefix / PGTEMPLATE_PREFIX "
+            "/ pgtemplate_prefix.",
+            setting="prefix",
+        )
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql(template: LiteralString, *names: str) -> str:
+    """Fill the ``{}`` slots of a constant SQL template with quoted identifiers."""
+    return template.format(*(ident(n) for n in names))
+
+
+def template_name(prefix: str, fingerprint: str) -> str:
+    return _checked(f"{prefix}_tpl_{fingerprint[:20]}")
+
+
+def build_name(prefix: str, fingerprint: str, nonce: str) -> str:
+    return _checked(f"{prefix}_bld_{fingerprint[:12]}_{nonce[:8]}")
+
+
+def worker_name(prefix: str, fingerprint: str, run_id: str, worker: str) -> str:
+    safe_worker = "".join(c for c in worker.lower() if c.isalnum())[:8] or "main"
+    return _checked(f"{prefix}_w_{fingerprint[:8]}_{run_id[:8]}_{safe_worker}")
+
+
+def _checked(name: str) -> str:
+    ident(name)  # raises if PostgreSQL would truncate it
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """What ``COMMENT ON DATABASE`` says about a database we created."""
+
+    kind: str
+    fingerprint: str
+    run: str
+    host: str
+    pid: int
+    created: float
+    format: int = FORMAT_VERSION
+
+    @classmethod
+    def new(cls, kind: str, fingerprint: str, run: str) -> Marker:
+        return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time())
+
+    def text(self) -> str:
+        return f"{MARKER_TAG} {json.dumps(asdict(self), sort_keys=True)}"
+
+    @classmethod
+    def parse(cls, comment: str | None) -> Marker | None:
+        """The marker in ``comment``, or None when the database is not ours."""
+        if not comment or not comment.startswith(MARKER_TAG + " "):
+            return None
+        try:
+            data = json.loads(comment[len(MARKER_TAG) + 1 :])
+            return cls(**data)
+        except (ValueError, TypeError):
+            return None

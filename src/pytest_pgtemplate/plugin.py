@@ -1,0 +1,215 @@
+"""pytest glue: options, the marker, hooks.  The database logic lives in the other modules."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Generator
+from typing import TypeVar
+
+import pytest
+
+from .db import parse_url, where
+from .errors import ConfigError, PgTemplateError
+from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module's namespace)
+    Engines,
+    _pgt_database,
+    pg_engine,
+    pg_session,
+    pg_sessionmaker,
+    pg_sync_engine,
+    pg_sync_session,
+    pg_sync_url,
+    pg_url,
+)
+from .report import Summary, format_summary, worker_payload
+from .runtime import Runtime
+from .settings import OPTIONS, RESET_STRATEGIES, Settings, resolve
+
+T = TypeVar("T")
+
+URL_NAMES = "--pgt-url / PGTEMPLATE_URL / pgtemplate_url"
+
+
+class PluginState:
+    """What the plugin keeps per pytest process (in ``config.stash``)."""
+
+    def __init__(self, settings: Settings, *, run_id: str, worker: str, server: str | None,
+                 server_source: str) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        self.worker = worker
+        self.server = server
+        self.server_source = server_source
+        self.engines = Engines()
+        self._runtime: Runtime | None = None
+        self.summary = Summary()
+
+    def runtime(self, config: pytest.Config) -> Runtime:
+        if self._runtime is None:
+            if self.server is None:
+                raise PgTemplateError(
+                    f"pytest-pgtemplate: no PostgreSQL server configured; set {URL_NAMES} "
+                    "(e.g. postgresql://postgres@127.0.0.1:5432/postgres).",
+                    setting="url",
+                )
+            url = parse_url(self.server, self.server_source)
+            self._runtime = Runtime(self.settings, url, run_id=self.run_id, worker=self.worker)
+        return self._runtime
+
+    def call(self, request: pytest.FixtureRequest, func: Callable[[], T]) -> T:
+        """Run ``func``; a PgTemplateError fails the test with our message alone (the
+        driver's traceback stays chained, shown with --tb=long)."""
+        try:
+            return func()
+        except PgTemplateError as exc:
+            if self._runtime is None or self._runtime.timings.template is None:
+                # No database could be set up: later tests would fail the same way.
+                request.session.shouldstop = "pytest-pgtemplate could not set up the database"
+            if request.config.option.tbstyle == "long":
+                raise
+            raise pytest.fail.Exception(str(exc), pytrace=False) from exc
+
+    def current_database(self) -> str | None:
+        return None if self._runtime is None else self._runtime.current_name
+
+    def finish(self) -> list[str]:
+        """Tear down; returns the URLs of kept databases."""
+        self.engines.close()
+        if self._runtime is None:
+            return []
+        runtime = self._runtime
+        self.summary.add(worker_payload(runtime))
+        kept = runtime.close()
+        if kept is None:
+            return []
+        return [kept.url.render_as_string(hide_password=True)]
+
+
+STATE_KEY = pytest.StashKey[PluginState]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pgtemplate", "pytest-pgtemplate: a migrated PostgreSQL database per test")
+    for opt in OPTIONS:
+        help_text = f"{opt.help} [env {opt.env}, ini {opt.ini}; default: {opt.default}]"
+        if opt.kind == "bool":
+            group.addoption(opt.flag, dest=opt.dest, action="store_const", const=True,
+                            default=None, help=help_text)
+        else:
+            group.addoption(opt.flag, dest=opt.dest, default=None, help=help_text,
+                            metavar=opt.metavar or opt.name.upper(),
+                            choices=list(opt.choices) or None)
+        parser.addini(opt.ini, help=opt.help, type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pgtemplate(reset=...): per-test reset strategy (" + "|".join(RESET_STRATEGIES) + ")",
+    )
+    try:
+        settings = resolve(
+            cli={opt.dest: config.getoption(opt.dest) for opt in OPTIONS},
+            env=os.environ,
+            ini={opt.ini: config.getini(opt.ini) for opt in OPTIONS},
+            rootdir=config.rootpath,
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        run_id, worker = str(workerinput["testrunuid"]), str(workerinput["workerid"])
+    else:
+        run_id, worker = uuid.uuid4().hex, "main"
+    config.stash[STATE_KEY] = PluginState(
+        settings, run_id=run_id, worker=worker, server=settings.url,
+        server_source=settings.source("url"),
+    )
+
+
+def marker_reset(marker: pytest.Mark) -> str:
+    """The ``reset`` of a ``@pytest.mark.pgtemplate(reset=...)`` marker, validated."""
+
+    def signature(*, reset: str) -> str:
+        return reset
+
+    try:
+        reset = signature(*marker.args, **marker.kwargs)
+    except TypeError as exc:
+        raise pytest.UsageError(
+            f"pytest-pgtemplate: bad marker {marker}: {exc}; use @pytest.mark.pgtemplate(reset=...)"
+        ) from None
+    if reset not in RESET_STRATEGIES:
+        raise pytest.UsageError(
+            f"pytest-pgtemplate: @pytest.mark.pgtemplate(reset={reset!r}): expected one of "
+            + ", ".join(RESET_STRATEGIES)
+        )
+    return reset
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return []
+    s = state.settings
+    if state.server is None:
+        server = f"none configured (set {URL_NAMES})"
+    else:
+        try:
+            server = f"{where(parse_url(state.server, state.server_source))} ({state.server_source})"
+        except ConfigError:
+            server = f"unparsable URL ({state.server_source})"
+    lines = [f"pgtemplate: server {server}; " + ", ".join(
+        s.describe(name) for name in ("reset", "prefix") )]
+    if config.option.verbose > 0:
+        lines.append("pgtemplate: " + ", ".join(
+            s.describe(opt.name) for opt in OPTIONS if opt.name not in ("url", "reset", "prefix")))
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None:
+        return
+    kept = state.finish()
+    state.summary.kept.extend(kept)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["pgtemplate"] = state.summary.to_dict()
+
+
+def pytest_testnodedown(node: object, error: object) -> None:
+    """xdist controller: gather each worker's numbers for the summary."""
+    output = getattr(node, "workeroutput", None)
+    config = getattr(node, "config", None)
+    if not isinstance(output, dict) or "pgtemplate" not in output or config is None:
+        return
+    state = config.stash.get(STATE_KEY, None)
+    if state is not None:
+        state.summary.merge(output["pgtemplate"])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is None or getattr(config, "workerinput", None) is not None:
+        return
+    lines = format_summary(state.summary)
+    if lines:
+        terminalreporter.write_sep("-", "pytest-pgtemplate")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if report.failed and "_pgt_database" in getattr(item, "fixturenames", ()):
+        state = item.config.stash.get(STATE_KEY, None)
+        db = state.current_database() if state is not None else None
+        if db is not None:
+            report.sections.append(("pytest-pgtemplate", f"worker database: {db}"))
+    return report

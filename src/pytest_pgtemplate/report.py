@@ -1,0 +1,76 @@
+"""Numbers for the terminal summary, gathered from every process of the run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .runtime import Runtime
+
+
+@dataclass(slots=True)
+class Summary:
+    """Plain lists and dicts only: xdist ships it from workers to the controller."""
+
+    templates: list[dict[str, Any]] = field(default_factory=list)
+    clone_seconds: list[float] = field(default_factory=list)
+    reset_seconds: list[float] = field(default_factory=list)
+    databases: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def add(self, payload: dict[str, Any]) -> None:
+        self.merge(payload)
+
+    def merge(self, other: dict[str, Any]) -> None:
+        for key in ("templates", "clone_seconds", "reset_seconds", "databases", "kept"):
+            getattr(self, key).extend(other.get(key, []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def worker_payload(runtime: Runtime) -> dict[str, Any]:
+    template = runtime.timings.template
+    return {
+        "templates": [] if template is None else [{
+            "name": template.name,
+            "built": template.built,
+            "seconds": template.seconds,
+            "worker": runtime.worker,
+        }],
+        "clone_seconds": list(runtime.timings.clone_seconds),
+        "reset_seconds": runtime.reset_stats(),
+        "databases": [] if runtime.current_name is None else [runtime.current_name],
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def format_summary(summary: Summary) -> list[str]:
+    lines: list[str] = []
+    built = [t for t in summary.templates if t["built"]]
+    if summary.templates:
+        name = summary.templates[0]["name"]
+        if built:
+            lines.append(f"template {name}: built in {built[0]['seconds']:.2f} s "
+                         f"(by {built[0]['worker']})")
+        else:
+            lines.append(f"template {name}: reused")
+    if summary.clone_seconds:
+        lines.append(
+            f"worker databases: {len(summary.clone_seconds)} cloned, "
+            f"{sum(summary.clone_seconds) / len(summary.clone_seconds) * 1000:.0f} ms each on average"
+        )
+    if summary.reset_seconds:
+        r = summary.reset_seconds
+        lines.append(
+            f"resets: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
+            f"p95 {percentile(r, 0.95) * 1000:.1f} ms, max {max(r) * 1000:.1f} ms"
+        )
+    for url in summary.kept:
+        lines.append(f"kept worker database: {url}")
+    return lines

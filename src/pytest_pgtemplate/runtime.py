@@ -1,0 +1,157 @@
+"""Per-process state: the server connection, the template, this process's worker database.
+
+Created (without touching the server) when the first test asks for a database
+fixture; everything is then set up on first use and torn down at session end.
+Tests of one process run one at a time, so no locking is needed here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import URL
+
+from .admin import Admin
+from .db import LoopThread, connect, with_driver
+from .errors import PgTemplateError
+from .migrate import AlembicMigrator, Migrator, find_alembic_ini
+from .naming import WORKER, Marker, worker_name
+from .reset import TruncateReset
+from .settings import Settings
+from .template import BuildRequest, Template, ensure
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDatabase:
+    name: str
+    url: URL  # postgresql+asyncpg
+    sync_url: URL  # postgresql+psycopg
+
+
+@dataclass(slots=True)
+class Timings:
+    template: Template | None = None
+    clone_seconds: list[float] = field(default_factory=list)
+
+
+def make_migrator(settings: Settings) -> Migrator:
+    ini = find_alembic_ini(settings.alembic_ini, settings.source("alembic_ini"), settings.rootdir)
+    return AlembicMigrator(ini)
+
+
+class Runtime:
+    """The plugin's state in one pytest process (one xdist worker, or the only process)."""
+
+    def __init__(
+        self, settings: Settings, server_url: URL, *, run_id: str, worker: str,
+        clone_strategy: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.server_url = server_url
+        self.run_id = run_id
+        self.worker = worker
+        self.clone_strategy = clone_strategy
+        self.timings = Timings()
+        self._loop: LoopThread | None = None
+        self._admin: Admin | None = None
+        self._db: WorkerDatabase | None = None
+        self._resetter: TruncateReset | None = None
+        self._failure: PgTemplateError | None = None
+        self.generation = 0  # bumped when the worker database is re-created
+
+    @property
+    def loop(self) -> LoopThread:
+        if self._loop is None:
+            self._loop = LoopThread()
+        return self._loop
+
+    def database(self) -> WorkerDatabase:
+        """This process's worker database, created on first use (template built if needed).
+
+        A failure is remembered: later tests of this process get the same error at once.
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self._db is None:
+            try:
+                self._db = self._create()
+            except PgTemplateError as exc:
+                self._failure = exc
+                raise
+        return self._db
+
+    def _create(self) -> WorkerDatabase:
+        if self._admin is None:
+            self._admin = self.loop.run(Admin.open(self.server_url))
+        if self.timings.template is None:
+            request = BuildRequest(
+                migrator=make_migrator(self.settings),
+                prefix=self.settings.prefix,
+                run_id=self.run_id,
+                rebuild=self.settings.rebuild,
+                timeout=self.settings.timeout,
+            )
+            self.timings.template = ensure(self.loop, self._admin, request)
+        return self._clone(self.timings.template)
+
+    def _clone(self, template: Template) -> WorkerDatabase:
+        assert self._admin is not None
+        name = worker_name(self.settings.prefix, template.fingerprint, self.run_id, self.worker)
+        start = time.perf_counter()
+        # A restarted xdist worker reuses its id within the run: replace its database.
+        self.loop.run(self._admin.drop_ours(name))
+        marker = Marker.new(WORKER, template.fingerprint, self.run_id)
+        self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy))
+        self.timings.clone_seconds.append(time.perf_counter() - start)
+        conn = self.loop.run(connect(self.server_url, name))
+        self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
+        return WorkerDatabase(
+            name,
+            with_driver(self.server_url, "asyncpg", name),
+            with_driver(self.server_url, "psycopg", name),
+        )
+
+    def reset(self, strategy: str) -> None:
+        """Restore the worker database after a test.  If that fails, the database is
+        re-created from the template (so later tests start clean) and the error raised."""
+        if strategy == "none" or self._db is None or self._resetter is None:
+            return
+        try:
+            self.loop.run(self._resetter.reset())
+        except PgTemplateError:
+            self._recreate()
+            raise
+
+    @property
+    def current_name(self) -> str | None:
+        return None if self._db is None else self._db.name
+
+    def reset_stats(self) -> list[float]:
+        return [] if self._resetter is None else list(self._resetter.stats.seconds)
+
+    def _recreate(self) -> None:
+        assert self.timings.template is not None
+        old = self._resetter
+        self._resetter = None
+        if old is not None:
+            self.loop.run(old.conn.close())
+        self.generation += 1
+        self._db = self._clone(self.timings.template)
+
+    def close(self) -> WorkerDatabase | None:
+        """Drop the worker database (unless --pgt-keep; then return it) and disconnect."""
+        kept: WorkerDatabase | None = None
+        try:
+            if self._resetter is not None:
+                self.loop.run(self._resetter.conn.close())
+            if self._admin is not None:
+                if self._db is not None and self.settings.keep:
+                    kept = self._db
+                elif self._db is not None:
+                    self.loop.run(self._admin.drop_ours(self._db.name))
+                self.loop.run(self._admin.close())
+        finally:
+            if self._loop is not None:
+                self._loop.close()
+        return kept

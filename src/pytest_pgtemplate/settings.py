@@ -1,0 +1,233 @@
+"""Options: one table drives ``--pgt-*``, ``pgtemplate_*`` ini keys and ``PGTEMPLATE_*`` env vars.
+
+``resolve()`` is pure: it takes the raw values from the three sources and returns
+one frozen ``Settings`` (CLI > env > ini > default), validated, with each value's
+source remembered for the report header and for error messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+RESET_STRATEGIES = ("truncate", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its tail name gives ``--pgt-<tail>``, ``pgtemplate_<tail>``, ``PGTEMPLATE_<TAIL>``."""
+
+    name: str
+    help: str
+    kind: str = "str"  # str | bool | float | path | choice
+    default: object = None
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--pgt-" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return "pgt_" + self.name
+
+    @property
+    def ini(self) -> str:
+        return "pgtemplate_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "PGTEMPLATE_" + self.name.upper()
+
+    def names(self) -> str:
+        """All three spellings, for error messages: ``--pgt-url / PGTEMPLATE_URL / pgtemplate_url``."""
+        return f"{self.flag} / {self.env} / {self.ini}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "url",
+        "PostgreSQL server URL (e.g. postgresql://user:pw@host:5432/postgres); its database "
+        "is the maintenance database used for CREATE/DROP DATABASE and locks.",
+        metavar="URL",
+    ),
+    Option(
+        "reset",
+        "How a worker database is restored to the template's state after each test.",
+        kind="choice",
+        default="truncate",
+        choices=RESET_STRATEGIES,
+    ),
+    Option(
+        "rebuild",
+        "Rebuild the template even if one with the same fingerprint exists.",
+        kind="bool",
+        default=False,
+    ),
+    Option(
+        "keep",
+        "Keep the worker databases after the run and print their URLs.",
+        kind="bool",
+        default=False,
+    ),
+    Option(
+        "alembic_ini",
+        "Path to alembic.ini (default: alembic.ini in the rootdir).",
+        kind="path",
+        metavar="PATH",
+    ),
+    Option(
+        "prefix",
+        "Name prefix of every database the plugin creates (lowercase letters, digits, _).",
+        default="pgt",
+    ),
+    Option(
+        "timeout",
+        "Seconds to wait for another process building the same template.",
+        kind="float",
+        default=300.0,
+        metavar="SECONDS",
+    ),
+    Option(
+        "reset_timeout",
+        "lock_timeout (seconds) of a reset; a reset blocked longer fails with the blocker named.",
+        kind="float",
+        default=5.0,
+        metavar="SECONDS",
+    ),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Every option's resolved value; ``sources[name]`` says where it came from."""
+
+    url: str | None
+    reset: str
+    rebuild: bool
+    keep: bool
+    alembic_ini: Path | None
+    prefix: str
+    timeout: float
+    reset_timeout: float
+    rootdir: Path
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def source(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
+    def describe(self, name: str) -> str:
+        """``name=value (from source)``, for the header."""
+        return f"{name}={getattr(self, name)} ({self.source(name)})"
+
+
+def resolve(
+    *,
+    cli: Mapping[str, object],
+    env: Mapping[str, str],
+    ini: Mapping[str, object],
+    rootdir: Path,
+) -> Settings:
+    """Pick each option's value: CLI > env > ini > default; validate; remember the source.
+
+    ``cli`` maps ``dest`` to the parsed value (None when not given), ``ini`` maps the
+    ini key to its raw value ("" or None when not set), ``env`` is ``os.environ``.
+    """
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for opt in OPTIONS:
+        raw, source = _pick(opt, cli, env, ini)
+        values[opt.name] = opt.default if raw is None else _convert(opt, raw, source, rootdir)
+        sources[opt.name] = source
+    _validate_prefix(str(values["prefix"]), sources["prefix"])
+    return Settings(rootdir=rootdir, sources=sources, **values)  # type: ignore[arg-type]
+
+
+def _pick(
+    opt: Option, cli: Mapping[str, object], env: Mapping[str, str], ini: Mapping[str, object]
+) -> tuple[object, str]:
+    value = cli.get(opt.dest)
+    if value is not None:
+        return value, opt.flag
+    env_value = env.get(opt.env)
+    if env_value not in (None, ""):
+        return env_value, opt.env
+    ini_value = ini.get(opt.ini)
+    if ini_value not in (None, ""):
+        return ini_value, opt.ini
+    return None, "default"
+
+
+def _convert(opt: Option, raw: object, source: str, rootdir: Path) -> object:
+    converter = _CONVERTERS[opt.kind]
+    try:
+        return converter(opt, raw, rootdir)
+    except ValueError as exc:
+        raise ConfigError(
+            f"pytest-pgtemplate: invalid value {raw!r} for {opt.name} (from {source}): {exc}. "
+            f"Set {opt.names()} to a valid value.",
+            setting=opt.name,
+        ) from None
+
+
+def _to_bool(opt: Option, raw: object, rootdir: Path) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _to_float(opt: Option, raw: object, rootdir: Path) -> float:
+    value = float(str(raw))
+    if not value > 0:
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _to_choice(opt: Option, raw: object, rootdir: Path) -> str:
+    text = str(raw).strip()
+    if text not in opt.choices:
+        raise ValueError("expected one of " + ", ".join(opt.choices))
+    return text
+
+
+def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:
+    path = Path(str(raw)).expanduser()
+    return path if path.is_absolute() else rootdir / path
+
+
+def _to_str(opt: Option, raw: object, rootdir: Path) -> str:
+    return str(raw).strip()
+
+
+_CONVERTERS: dict[str, Callable[[Option, object, Path], object]] = {
+    "bool": _to_bool,
+    "float": _to_float,
+    "choice": _to_choice,
+    "path": _to_path,
+    "str": _to_str,
+}
+
+
+def _validate_prefix(prefix: str, source: str) -> None:
+    # Names must survive unquoted round trips through tools (psql, pg_dump) and
+    # leave room for the fingerprint within PostgreSQL's 63-byte limit.
+    ok = 1 <= len(prefix) <= 16 and prefix[0].isalpha()
+    ok = ok and all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in prefix)
+    if not ok:
+        opt = OPTIONS_BY_NAME["prefix"]
+        raise ConfigError(
+            f"pytest-pgtemplate: invalid database name prefix {prefix!r} (from {source}): use 1-16 "
+            f"lowercase ASCII letters, digits or '_', starting with a letter. Set {opt.names()}.",
+            setting="prefix",
+        )

@@ -1,0 +1,147 @@
+"""The template: migrated once per server per fingerprint, then only ever cloned.
+
+Concurrency contract: processes of one run (xdist workers) serialise on a file lock,
+and every process on every machine serialises on a session advisory lock held on the
+maintenance database.  Whoever takes the lock first builds; everyone else, once the
+lock is theirs, finds the template published and reuses it.  A build happens under a
+temporary name and is published (renamed, marked kind=template) only when complete,
+so a build killed at any point never leaves a template a later run would trust.
+A failed build is recorded for the run, so other workers report it without retrying.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from sqlalchemy.engine import URL
+
+from . import fingerprint, reset
+from .admin import Admin
+from .db import LoopThread, connect, where
+from .errors import PgTemplateError
+from .migrate import Migrator
+from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    name: str
+    fingerprint: str
+    built: bool  # True when this process migrated it, False when reused
+    seconds: float  # time to build it, or to find it (lock waits included)
+    tracked_tables: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRequest:
+    migrator: Migrator
+    prefix: str
+    run_id: str
+    rebuild: bool
+    timeout: float
+
+
+def lock_dir() -> Path:
+    """Where the run's processes share file locks and failure notes (per OS user)."""
+    path = Path(tempfile.gettempdir()) / f"pytest-pgtemplate-{getpass.getuser()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
+    """Return the template for the migrator's fingerprint, building it if needed."""
+    start = time.perf_counter()
+    fp = fingerprint.compute(request.migrator.inputs(), server_major=admin.major)
+    name = template_name(request.prefix, fp)
+    server = hashlib.sha1(where(admin.url).encode(), usedforsecurity=False).hexdigest()[:12]
+    failed_note = lock_dir() / f"{server}-{name}-{request.run_id}.failed"
+    _raise_if_failed(failed_note)
+    file_lock = FileLock(str(lock_dir() / f"{server}-{name}.lock"))
+    try:
+        file_lock.acquire(timeout=request.timeout)
+    except Timeout as exc:
+        raise PgTemplateError(
+            f"pytest-pgtemplate: gave up after {request.timeout:.0f} s waiting for another "
+            f"process of this machine building template {name} (file lock {file_lock.lock_file}). "
+            "Raise --pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout, or stop that process.",
+            setting="timeout",
+        ) from exc
+    try:
+        _raise_if_failed(failed_note)
+        loop.run(admin.lock(name, request.timeout, f"the build of template {name}"))
+        try:
+            built, tracked = _reuse_or_build(loop, admin, request, name, fp)
+        except PgTemplateError as exc:
+            failed_note.write_text(str(exc))
+            raise
+        finally:
+            loop.run(admin.unlock(name))
+    finally:
+        file_lock.release()
+    return Template(name, fp, built, time.perf_counter() - start, tracked)
+
+
+def _raise_if_failed(note: Path) -> None:
+    if note.exists():
+        raise PgTemplateError(
+            note.read_text() + " (reported once, by the process of this run that tried first)"
+        )
+
+
+def _reuse_or_build(
+    loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str
+) -> tuple[bool, int]:
+    info = loop.run(admin.info(name))
+    if info is not None:
+        marker = info.marker
+        if marker is None:
+            raise PgTemplateError(
+                f"pytest-pgtemplate: database {name} exists on {where(admin.url)} but was not "
+                "created by pytest-pgtemplate (no marker), so it is left alone. Drop it yourself, "
+                "or choose another --pgt-prefix / PGTEMPLATE_PREFIX / pgtemplate_prefix.",
+                setting="prefix",
+            )
+        complete = marker.kind == TEMPLATE and marker.fingerprint == fp
+        rebuilt_by_us = marker.run == request.run_id
+        if complete and (rebuilt_by_us or not request.rebuild):
+            return False, 0
+        loop.run(admin.drop_ours(name))  # unfinished, or --pgt-rebuild
+    return True, _build(loop, admin, request, name, fp)
+
+
+def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> int:
+    building = build_name(request.prefix, fp, uuid.uuid4().hex)
+    loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id)))
+    try:
+        target: URL = admin.url.set(database=building)
+        request.migrator.migrate(target)
+        tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
+        loop.run(admin.finalize_template(building, name, Marker.new(TEMPLATE, fp, request.run_id)))
+    except BaseException:
+        loop.run(admin.drop_ours(building))
+        raise
+    return tracked
+
+
+async def _install_tracking(url: URL, database: str, migrator: Migrator) -> int:
+    conn = await connect(url, database)
+    try:
+        if migrator.kind == "alembic" and not await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_class WHERE relname = 'alembic_version' AND relkind = 'r')"
+        ):
+            raise PgTemplateError(
+                f"pytest-pgtemplate: Alembic ran but did not migrate the template database "
+                f"{database} (no alembic_version table there): env.py probably connects to a "
+                "database of its own. Make env.py use config.get_main_option('sqlalchemy.url') "
+                "or config.attributes['connection']."
+            )
+        return await reset.install(conn)
+    finally:
+        await conn.close()
