@@ -68,7 +68,7 @@ class PluginState:
                 request.session.shouldstop = "pytest-pgtemplate could not set up the database"
             if request.config.option.tbstyle == "long":
                 raise
-            raise pytest.fail.Exception(str(exc), pytrace=False) from exc
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
 
     def current_database(self) -> str | None:
         return None if self._runtime is None else self._runtime.current_name
@@ -122,10 +122,13 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id, worker = str(workerinput["testrunuid"]), str(workerinput["workerid"])
     else:
         run_id, worker = uuid.uuid4().hex, "main"
-    config.stash[STATE_KEY] = PluginState(
+    state = PluginState(
         settings, run_id=run_id, worker=worker, server=settings.url,
         server_source=settings.source("url"),
     )
+    config.stash[STATE_KEY] = state
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
 
 
 def marker_reset(marker: pytest.Mark) -> str:
@@ -180,15 +183,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         workeroutput["pgtemplate"] = state.summary.to_dict()
 
 
-def pytest_testnodedown(node: object, error: object) -> None:
-    """xdist controller: gather each worker's numbers for the summary."""
-    output = getattr(node, "workeroutput", None)
-    config = getattr(node, "config", None)
-    if not isinstance(output, dict) or "pgtemplate" not in output or config is None:
-        return
-    state = config.stash.get(STATE_KEY, None)
-    if state is not None:
-        state.summary.merge(output["pgtemplate"])
+class XdistHooks:
+    """Hooks that exist only with pytest-xdist: registered when it is active."""
+
+    def __init__(self, state: PluginState) -> None:
+        self.state = state
+
+    def pytest_testnodedown(self, node: object, error: object) -> None:
+        """Controller: gather each worker's numbers for the summary."""
+        output = getattr(node, "workeroutput", None)
+        if isinstance(output, dict) and "pgtemplate" in output:
+            self.state.summary.merge(output["pgtemplate"])
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

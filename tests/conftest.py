@@ -1,0 +1,157 @@
+"""Shared helpers: a real PostgreSQL server, and throwaway Alembic projects for pytester runs."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+SERVER_URL = os.environ.get("PGTEMPLATE_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+ENV_PY = '''
+import asyncio
+from alembic import context
+from sqlalchemy.ext.asyncio import async_engine_from_config
+from sqlalchemy.pool import NullPool
+
+config = context.config
+
+
+def do_run_migrations(connection):
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations():
+    engine = async_engine_from_config(
+        config.get_section(config.config_ini_section), prefix="sqlalchemy.", poolclass=NullPool
+    )
+    async with engine.connect() as connection:
+        await connection.run_sync(do_run_migrations)
+    await engine.dispose()
+
+
+asyncio.run(run_async_migrations())
+'''
+
+# Every revision appends its id to migrations.log: the outer test counts migrator runs.
+REVISION = '''
+from pathlib import Path
+from alembic import op
+
+revision = {rev!r}
+down_revision = {down!r}
+LOG = Path({log!r})
+
+
+def upgrade():
+    with LOG.open("a") as f:
+        f.write(revision + "\\n")
+{body}
+
+
+def downgrade():
+    pass
+'''
+
+BASE_REVISIONS = [
+    ("0001", """
+    op.execute("CREATE TABLE customer (id serial PRIMARY KEY, name text NOT NULL UNIQUE)")
+    op.execute("CREATE TYPE status AS ENUM ('new', 'paid')")
+    op.execute("CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+               "customer_id int NOT NULL REFERENCES customer(id), status status NOT NULL DEFAULT 'new')")
+    """),
+    ("0002", """
+    op.execute("CREATE TABLE country (code text PRIMARY KEY, name text NOT NULL)")
+    op.execute("INSERT INTO country VALUES ('fr', 'France'), ('de', 'Germany'), ('it', 'Italy')")
+    op.execute("ALTER TABLE customer ADD COLUMN country text REFERENCES country(code)")
+    op.execute("CREATE SCHEMA billing")
+    op.execute("CREATE TABLE billing.invoice (id serial PRIMARY KEY, "
+               "order_id bigint REFERENCES orders(id) ON DELETE CASCADE, total numeric NOT NULL)")
+    """),
+]
+
+
+def render_revision(rev: str, down: str | None, body: str, log: Path) -> str:
+    return REVISION.format(rev=rev, down=down, log=str(log), body=textwrap.indent(
+        textwrap.dedent(body).strip("\n"), "    "))
+
+
+@dataclass
+class Project:
+    """A pytester directory with an Alembic project and a unique database name prefix."""
+
+    pytester: pytest.Pytester
+    prefix: str
+
+    @property
+    def log(self) -> Path:
+        return self.pytester.path / "migrations.log"
+
+    def migrations_run(self) -> int:
+        if not self.log.exists():
+            return 0
+        return self.log.read_text().count("0001")
+
+    def add_revision(self, rev: str, down: str | None, body: str) -> None:
+        path = self.pytester.path / "migrations" / "versions" / f"{rev}_rev.py"
+        path.write_text(render_revision(rev, down, body, self.log))
+
+    def run(self, *args: str) -> pytest.RunResult:
+        return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+    def databases(self) -> list[str]:
+        return databases_like(self.prefix)
+
+
+def databases_like(prefix: str) -> list[str]:
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (prefix + "\\_%",)
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def drop_marked(prefix: str) -> None:
+    """Drop what the plugin created under ``prefix`` (marked), and scratch leftovers."""
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        for name in databases_like(prefix):
+            conn.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(
+                psycopg.sql.Identifier(name)))
+            conn.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                psycopg.sql.Identifier(name)))
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    prefix = "t" + uuid.uuid4().hex[:8]
+    for key in list(os.environ):
+        if key.startswith("PGTEMPLATE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PGTEMPLATE_URL", SERVER_URL)
+    pytester.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n"
+                      "sqlalchemy.url = postgresql+asyncpg://unused@127.0.0.1/unused\n")
+    pytester.makeini(f"""
+        [pytest]
+        pgtemplate_prefix = {prefix}
+        asyncio_mode = auto
+        asyncio_default_fixture_loop_scope = function
+    """)
+    versions = pytester.path / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    (pytester.path / "migrations" / "env.py").write_text(ENV_PY)
+    (pytester.path / "migrations" / "script.py.mako").write_text("")
+    proj = Project(pytester, prefix)
+    down = None
+    for rev, body in BASE_REVISIONS:
+        proj.add_revision(rev, down, body)
+        down = rev
+    yield proj
+    drop_marked(prefix)

@@ -1,0 +1,222 @@
+"""The core path, end to end: inner pytest runs (pytester) against the real server."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Project, databases_like
+
+# Each test starts by asserting the template's exact state, then dirties every kind
+# of thing a reset must undo: rows in 3 tables and 2 schemas, template rows updated
+# and deleted, identity/serial sequences advanced.
+ISOLATION_SUITE = '''
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+OUT = Path(__file__).parent / "seen"
+OUT.mkdir(exist_ok=True)
+REFERENCE = "de:Germany,fr:France,it:Italy"
+
+
+async def state(session):
+    query = ("select (select count(*) from customer), (select count(*) from orders), "
+             "(select count(*) from billing.invoice), "
+             "(select string_agg(code || ':' || name, ',' order by code) from country)")
+    return tuple((await session.execute(text(query))).one())
+
+
+@pytest.mark.parametrize("i", range(6))
+async def test_async_writes_are_undone(pg_session, i):
+    db = (await pg_session.execute(text("select current_database()"))).scalar()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    (OUT / f"{worker}-{i}").write_text(db)
+    assert await state(pg_session) == (0, 0, 0, REFERENCE)
+    cid = (await pg_session.execute(text(
+        "insert into customer (name, country) values ('ann', 'fr') returning id"))).scalar()
+    oid = (await pg_session.execute(text(
+        "insert into orders (customer_id) values (:c) returning id"), {"c": cid})).scalar()
+    iid = (await pg_session.execute(text(
+        "insert into billing.invoice (order_id, total) values (:o, 9) returning id"), {"o": oid})).scalar()
+    assert (cid, oid, iid) == (1, 1, 1)
+    await pg_session.execute(text("update country set name = 'X' where code = 'de'"))
+    await pg_session.execute(text("delete from country where code = 'it'"))
+    await pg_session.commit()
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_sync_writes_are_undone(pg_sync_session, i):
+    row = pg_sync_session.execute(text(
+        "select (select count(*) from customer), "
+        "(select string_agg(code || ':' || name, ',' order by code) from country)")).one()
+    assert tuple(row) == (0, REFERENCE)
+    cid = pg_sync_session.execute(text(
+        "insert into customer (name) values ('bob') returning id")).scalar()
+    assert cid == 1
+    pg_sync_session.execute(text("truncate country cascade"))
+    pg_sync_session.commit()
+
+
+def test_without_database():
+    pass
+'''
+
+
+def seen_databases(project: Project) -> set[str]:
+    return {p.read_text() for p in (project.pytester.path / "seen").iterdir()}
+
+
+@pytest.mark.parametrize("xdist", [["-n", "2"], ["-p", "no:xdist"]], ids=["n2", "no-xdist"])
+def test_isolation_suite_passes_and_migrates_once(project: Project, xdist: list[str]) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = project.run(*xdist)
+    result.assert_outcomes(passed=11)
+    assert project.migrations_run() == 1
+    expected_workers = 2 if xdist[0] == "-n" else 1
+    assert len(seen_databases(project)) == expected_workers
+    # Every worker database is dropped at the end; only the template stays.
+    assert [db for db in project.databases() if "_w_" in db] == []
+    assert len([db for db in project.databases() if "_tpl_" in db]) == 1
+
+
+def test_second_run_reuses_template_and_changed_migration_rebuilds(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.run("-n", "2").assert_outcomes(passed=11)
+    second = project.run("-n", "2")
+    second.assert_outcomes(passed=11)
+    assert project.migrations_run() == 1
+    second.stdout.fnmatch_lines(["template *_tpl_*: reused"])
+
+    project.add_revision("0003", "0002", 'op.execute("CREATE TABLE extra (id int)")')
+    project.run("-n", "2").assert_outcomes(passed=11)
+    assert project.migrations_run() == 2
+    assert len([db for db in project.databases() if "_tpl_" in db]) == 2
+
+
+def test_rebuild_flag_migrates_once_per_run_even_with_workers(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.run("-n", "2").assert_outcomes(passed=11)
+    project.run("-n", "2", "--pgt-rebuild").assert_outcomes(passed=11)
+    assert project.migrations_run() == 2
+
+
+def test_keep_leaves_worker_database_and_prints_url(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = project.run("-p", "no:xdist", "--pgt-keep")
+    result.assert_outcomes(passed=11)
+    kept = [db for db in project.databases() if "_w_" in db]
+    assert len(kept) == 1
+    result.stdout.fnmatch_lines([f"kept worker database: postgresql+asyncpg://*/{kept[0]}"])
+
+
+def test_unmarked_database_with_our_name_is_never_touched(project: Project) -> None:
+    import psycopg
+    from conftest import SERVER_URL
+
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.run("-p", "no:xdist").assert_outcomes(passed=11)
+    [template] = [db for db in project.databases() if "_tpl_" in db]
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(
+            psycopg.sql.Identifier(template)))
+        conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(template)))
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(template)))
+    result = project.run("-p", "no:xdist")
+    result.stdout.fnmatch_lines([
+        f"*database {template} exists on *but was not created by pytest-pgtemplate (no marker), so it "
+        "is left alone. Drop it yourself, or choose another --pgt-prefix / PGTEMPLATE_PREFIX / "
+        "pgtemplate_prefix.*"
+    ])
+    assert template in databases_like(project.prefix)
+    assert result.ret != 0
+
+
+BROKEN = """
+    op.execute("CREATE TABLE half_done (id int)")
+    raise RuntimeError("boom in 0003")
+"""
+
+
+@pytest.mark.parametrize("xdist", [["-n", "2"], ["-p", "no:xdist"]], ids=["n2", "no-xdist"])
+def test_broken_migration_is_reported_once_and_retried_next_run(
+    project: Project, xdist: list[str]
+) -> None:
+    project.add_revision("0003", "0002", BROKEN)
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = project.run(*xdist)
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: migration failed in revision 0003 (migrations/versions/0003_rev.py): "
+        "RuntimeError: boom in 0003. The template was not published; fix the migration and run again.*"
+    ])
+    assert project.log.read_text().count("0003") == 1  # one attempt for the whole run
+    assert project.databases() == []  # no half-built template, no worker database
+
+    project.add_revision("0003", "0002", 'op.execute("CREATE TABLE fixed (id int)")')
+    project.run(*xdist).assert_outcomes(passed=11)
+    assert project.log.read_text().count("0003") == 2
+
+
+def test_no_server_contact_when_no_test_uses_a_database(project: Project) -> None:
+    project.pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    result = project.run("-n", "2", "--pgt-url", "postgresql://nobody@127.0.0.1:1/postgres")
+    result.assert_outcomes(passed=1)
+
+
+def test_unreachable_server_fails_fast_naming_the_setting(project: Project) -> None:
+    project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
+    result = project.run("-p", "no:xdist", "--pgt-url", "postgresql://me@127.0.0.1:1/postgres")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: cannot reach PostgreSQL at me@127.0.0.1:1/postgres (*). Start the server, "
+        "or point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a running one.*"
+    ])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_missing_url_is_a_clear_error(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGTEMPLATE_URL")
+    project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: no PostgreSQL server configured; set --pgt-url / PGTEMPLATE_URL / "
+        "pgtemplate_url*"
+    ])
+
+
+def test_missing_alembic_ini_names_the_setting(project: Project) -> None:
+    (project.pytester.path / "alembic.ini").unlink()
+    project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: no way to build the template: no alembic.ini in the rootdir (*). "
+        "Set --pgt-alembic-ini / PGTEMPLATE_ALEMBIC_INI / pgtemplate_alembic_ini to your alembic.ini.*"
+    ])
+
+
+def test_bad_option_value_is_a_usage_error(project: Project) -> None:
+    project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
+    result = project.run("-p", "no:xdist", "--pgt-prefix", "Bad-Prefix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([
+        "*invalid database name prefix 'Bad-Prefix' (from --pgt-prefix): use 1-16 lowercase ASCII "
+        "letters, digits or '_', starting with a letter. Set --pgt-prefix / PGTEMPLATE_PREFIX / "
+        "pgtemplate_prefix.*"
+    ])
+
+
+def test_reset_none_keeps_rows_between_tests(project: Project) -> None:
+    project.pytester.makepyfile(test_inner='''
+from sqlalchemy import text
+
+def test_a(pg_sync_session):
+    pg_sync_session.execute(text("insert into customer (name) values ('kept')"))
+    pg_sync_session.commit()
+
+def test_b(pg_sync_session):
+    assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 1
+''')
+    project.run("-p", "no:xdist", "--pgt-reset", "none").assert_outcomes(passed=2)
