@@ -94,6 +94,8 @@ DECLARE
     r record;
     n_seq integer := 0;
     n_term integer;
+    user_triggers name[];
+    tg name;
 BEGIN
     PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
     -- A session the test left inside a transaction would hold locks (and its rows
@@ -124,8 +126,19 @@ BEGIN
         END IF;
         FOR r IN SELECT relid, snapshot, cols FROM _pgtemplate.tracked
                  WHERE relid = ANY (targets) AND snapshot IS NOT NULL ORDER BY level LOOP
+            -- Without replica mode, the table's own triggers would fire on re-insertion
+            -- (e.g. an audit trigger writing elsewhere): switch them off meanwhile.
+            user_triggers := CASE WHEN replica THEN '{}' ELSE ARRAY(
+                SELECT tgname FROM pg_trigger WHERE tgrelid = r.relid AND NOT tgisinternal
+                AND tgenabled = 'O' AND tgname <> '_pgtemplate_dirty') END;
+            FOREACH tg IN ARRAY user_triggers LOOP
+                EXECUTE format('ALTER TABLE %s DISABLE TRIGGER %I', r.relid::regclass, tg);
+            END LOOP;
             EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM _pgtemplate.%I',
                            r.relid::regclass, r.cols, r.cols, r.snapshot);
+            FOREACH tg IN ARRAY user_triggers LOOP
+                EXECUTE format('ALTER TABLE %s ENABLE TRIGGER %I', r.relid::regclass, tg);
+            END LOOP;
         END LOOP;
         DELETE FROM _pgtemplate.dirty;
     END IF;

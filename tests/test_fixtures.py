@@ -1,0 +1,159 @@
+"""Fixtures under the event-loop and pytest-asyncio configurations users actually have."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Project
+
+STRICT_SUITE = '''
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+
+@pytest_asyncio.fixture
+async def customer_id(pg_sessionmaker):
+    async with pg_sessionmaker() as session:
+        cid = (await session.execute(text(
+            "insert into customer (name) values ('fixture') returning id"))).scalar()
+        await session.commit()
+    return cid
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("i", range(3))
+async def test_strict_mode(pg_session, customer_id, i):
+    assert customer_id == 1
+    assert (await pg_session.execute(text("select count(*) from customer"))).scalar() == 1
+
+
+@pytest.mark.asyncio
+async def test_engine_and_url(pg_engine, pg_url):
+    assert pg_url.drivername == "postgresql+asyncpg"
+    async with pg_engine.connect() as conn:
+        assert (await conn.execute(text("select current_database()"))).scalar() == pg_url.database
+'''
+
+
+def test_fixtures_work_in_strict_mode(project: Project) -> None:
+    project.pytester.makeini(f"""
+        [pytest]
+        pgtemplate_prefix = {project.prefix}
+        asyncio_mode = strict
+        asyncio_default_fixture_loop_scope = function
+    """)
+    project.pytester.makepyfile(test_strict=STRICT_SUITE)
+    project.run("-n", "2").assert_outcomes(passed=4)
+    project.run("-p", "no:xdist").assert_outcomes(passed=4)
+
+
+SESSION_LOOP_SUITE = '''
+import pytest
+from sqlalchemy import text
+
+ENGINES = []
+
+
+@pytest.mark.parametrize("i", range(5))
+async def test_session_loop(pg_engine, pg_session, i):
+    ENGINES.append(pg_engine)
+    assert (await pg_session.execute(text("select count(*) from customer"))).scalar() == 0
+    await pg_session.execute(text("insert into customer (name) values ('x')"))
+    await pg_session.commit()
+
+
+def test_pooled_engine_is_reused_on_a_long_lived_loop():
+    # First test on a new loop gets the shared NullPool engine; from the second on,
+    # the loop is known to be long-lived and keeps one pooled engine.
+    assert len({id(e) for e in ENGINES[1:]}) == 1
+    assert ENGINES[1].pool.__class__.__name__ != "NullPool"
+'''
+
+
+def test_session_scoped_event_loop_reuses_pooled_connections(project: Project) -> None:
+    project.pytester.makeini(f"""
+        [pytest]
+        pgtemplate_prefix = {project.prefix}
+        asyncio_mode = auto
+        asyncio_default_fixture_loop_scope = session
+        asyncio_default_test_loop_scope = session
+    """)
+    project.pytester.makepyfile(test_loop=SESSION_LOOP_SUITE)
+    project.run("-p", "no:xdist").assert_outcomes(passed=6)
+
+
+LEAK_SUITE = '''
+from sqlalchemy import create_engine, text
+
+LEAKED = []
+
+
+def test_leaks_an_open_transaction(pg_sync_url):
+    engine = create_engine(pg_sync_url)
+    conn = engine.connect()
+    conn.execute(text("insert into customer (name) values ('leaked')"))
+    conn.execute(text("lock table country in access exclusive mode"))
+    LEAKED.append(conn)  # never committed, never closed
+
+
+def test_next_test_is_clean_and_not_blocked(pg_sync_session):
+    assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 0
+    assert pg_sync_session.execute(text("select count(*) from country")).scalar() == 3
+'''
+
+
+def test_leaked_transaction_is_terminated_not_waited_on(project: Project) -> None:
+    project.pytester.makepyfile(test_leak=LEAK_SUITE)
+    result = project.run("-p", "no:xdist", "--pgt-reset-timeout", "3")
+    result.assert_outcomes(passed=2)
+    assert result.duration < 20
+
+
+def test_failing_test_report_names_its_database(project: Project) -> None:
+    project.pytester.makepyfile(test_fail="def test_fail(pg_url):\n    assert False\n")
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*pytest-pgtemplate*", f"worker database: {project.prefix}_w_*_main"])
+
+
+MARKER_SUITE = '''
+import pytest
+from sqlalchemy import text
+
+
+@pytest.mark.pgtemplate(reset="none")
+def test_a(pg_sync_session):
+    pg_sync_session.execute(text("insert into customer (name) values ('kept')"))
+    pg_sync_session.commit()
+
+
+def test_b(pg_sync_session):
+    assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 1
+
+
+def test_c(pg_sync_session):
+    assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 0
+
+
+@pytest.mark.pgtemplate(reset="sometimes")
+def test_bad_marker(pg_sync_session):
+    pass
+'''
+
+
+def test_marker_overrides_reset_for_one_test_and_is_validated(project: Project) -> None:
+    project.pytester.makepyfile(test_marker=MARKER_SUITE)
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: @pytest.mark.pgtemplate(reset='sometimes'): expected one of truncate, none*"
+    ])
+
+
+def test_header_shows_settings_with_their_source(project: Project) -> None:
+    project.pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = project.run("-p", "no:xdist", "--pgt-reset", "none")
+    result.stdout.fnmatch_lines([
+        "pgtemplate: server postgres@127.0.0.1:5432/postgres (PGTEMPLATE_URL); "
+        f"reset=none (--pgt-reset), prefix={project.prefix} (pgtemplate_prefix)"
+    ])

@@ -1,0 +1,277 @@
+"""Logic modules driven directly, without pytest glue, against the real server."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from conftest import SERVER_URL
+
+from pytest_pgtemplate import fingerprint, naming, reset, settings
+from pytest_pgtemplate.admin import Admin
+from pytest_pgtemplate.db import parse_url
+from pytest_pgtemplate.errors import ConfigError
+
+SRC = Path(__file__).parent.parent / "src" / "pytest_pgtemplate"
+
+
+# -- settings ---------------------------------------------------------------
+
+
+def resolve(cli=None, env=None, ini=None) -> settings.Settings:
+    return settings.resolve(cli=cli or {}, env=env or {}, ini=ini or {}, rootdir=Path("/proj"))
+
+
+def test_cli_beats_env_beats_ini_beats_default_and_sources_are_kept() -> None:
+    s = resolve(
+        cli={"pgt_reset": "none"},
+        env={"PGTEMPLATE_RESET": "truncate", "PGTEMPLATE_PREFIX": "envp"},
+        ini={"pgtemplate_reset": "truncate", "pgtemplate_prefix": "inip", "pgtemplate_keep": "yes"},
+    )
+    assert (s.reset, s.source("reset")) == ("none", "--pgt-reset")
+    assert (s.prefix, s.source("prefix")) == ("envp", "PGTEMPLATE_PREFIX")
+    assert (s.keep, s.source("keep")) == (True, "pgtemplate_keep")
+    assert (s.rebuild, s.source("rebuild")) == (False, "default")
+
+
+def test_relative_alembic_ini_is_relative_to_rootdir() -> None:
+    assert resolve(ini={"pgtemplate_alembic_ini": "db/alembic.ini"}).alembic_ini == Path(
+        "/proj/db/alembic.ini"
+    )
+
+
+def test_bad_values_name_the_option_and_every_spelling() -> None:
+    with pytest.raises(ConfigError, match=(
+        r"invalid value 'maybe' for keep \(from PGTEMPLATE_KEEP\): expected one of 1/0, true/false, "
+        r"yes/no, on/off\. Set --pgt-keep / PGTEMPLATE_KEEP / pgtemplate_keep to a valid value\."
+    )):
+        resolve(env={"PGTEMPLATE_KEEP": "maybe"})
+    with pytest.raises(ConfigError, match=r"invalid value '-1' for timeout"):
+        resolve(cli={"pgt_timeout": "-1"})
+
+
+@pytest.mark.parametrize("prefix", ["Upper", "with'quote", "x" * 17, "1abc", "", 'a"b'])
+def test_unsafe_prefixes_are_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="invalid database name prefix"):
+        resolve(cli={"pgt_prefix": prefix} if prefix else {}, ini={"pgtemplate_prefix": "Bad"})
+
+
+# -- naming -----------------------------------------------------------------
+
+
+def test_ident_quotes_and_refuses_names_postgres_would_truncate() -> None:
+    assert naming.ident('we"ird') == '"we""ird"'
+    assert naming.sql("DROP DATABASE {}", "a b") == 'DROP DATABASE "a b"'
+    with pytest.raises(ConfigError, match="longer than 63 bytes"):
+        naming.ident("é" * 32)
+
+
+def test_longest_names_fit_and_differ() -> None:
+    fp = "f" * 64
+    prefix = "p" * 16
+    names = {
+        naming.template_name(prefix, fp),
+        naming.build_name(prefix, fp, uuid.uuid4().hex),
+        naming.worker_name(prefix, fp, uuid.uuid4().hex, "gw123456789"),
+    }
+    assert len(names) == 3
+    assert all(len(n.encode()) <= 63 for n in names)
+    assert naming.template_name("a", "1" * 20 + "x") != naming.template_name("a", "1" * 19 + "y")
+
+
+def test_marker_round_trip_and_foreign_comments() -> None:
+    marker = naming.Marker.new(naming.TEMPLATE, "abc", "run1")
+    assert naming.Marker.parse(marker.text()) == marker
+    assert naming.Marker.parse("pytest-pgtemplate {not json") is None
+    assert naming.Marker.parse("created by hand") is None
+    assert naming.Marker.parse(None) is None
+
+
+# -- fingerprint ------------------------------------------------------------
+
+
+def test_fingerprint_changes_with_bytes_and_renames_not_with_location(tmp_path: Path) -> None:
+    def fp(root: Path) -> str:
+        return fingerprint.compute(fingerprint.tree_inputs(root, "scripts"), server_major=15)
+
+    a = tmp_path / "a"
+    (a / "versions").mkdir(parents=True)
+    (a / "versions" / "0001.py").write_text("x = 1\n")
+    (a / "versions" / "__pycache__").mkdir()
+    (a / "versions" / "__pycache__" / "0001.cpython-311.pyc").write_bytes(b"junk")
+    base = fp(a)
+    b = tmp_path / "elsewhere" / "b"
+    b.parent.mkdir()
+    (a).rename(b)
+    assert fp(b) == base  # moving the project keeps the fingerprint
+    (b / "versions" / "__pycache__" / "0001.cpython-311.pyc").write_bytes(b"other junk")
+    assert fp(b) == base
+    (b / "versions" / "0001.py").rename(b / "versions" / "0001_renamed.py")
+    assert fp(b) != base
+    inputs = fingerprint.tree_inputs(b, "scripts")
+    assert fingerprint.compute(inputs, server_major=15) != fingerprint.compute(inputs, server_major=16)
+
+
+# -- reset ------------------------------------------------------------------
+
+
+def test_fk_levels_put_parents_first_and_survive_cycles() -> None:
+    levels = reset.fk_levels([(2, 1), (3, 2), (3, 1), (4, 5), (5, 4)])
+    assert levels[2] == 1 and levels[3] == 2
+    assert {levels[4], levels[5]} <= {0, 1}
+
+
+@pytest_asyncio.fixture
+async def scratch_db() -> AsyncIterator[asyncpg.Connection]:
+    name = "scratch_pgt_" + uuid.uuid4().hex[:8]
+    server = parse_url(SERVER_URL, "test")
+    dsn = server.render_as_string(hide_password=False)
+    admin = await asyncpg.connect(dsn)
+    await admin.execute(naming.sql("CREATE DATABASE {}", name))
+    conn = await asyncpg.connect(server.set(database=name).render_as_string(hide_password=False))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        await admin.execute(naming.sql("DROP DATABASE {} WITH (FORCE)", name))
+        await admin.close()
+
+
+SCHEMA = """
+CREATE TABLE parent (id serial PRIMARY KEY, label text);
+CREATE TABLE child (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                    parent_id int REFERENCES parent(id), doubled int GENERATED ALWAYS AS (id * 2) STORED);
+INSERT INTO parent (label) VALUES ('ref1'), ('ref2');
+INSERT INTO child (parent_id) VALUES (1);
+CREATE SCHEMA tenant;
+CREATE TABLE tenant.note (id serial PRIMARY KEY, body text);
+CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO tenant.note (body) VALUES ('audit'); RETURN NEW; END $$;
+CREATE TRIGGER parent_audit AFTER INSERT ON parent FOR EACH ROW EXECUTE FUNCTION audit();
+""" + "".join(f"CREATE TABLE untouched_{i} (id serial PRIMARY KEY);\n" for i in range(20))
+
+
+async def snapshot(conn: asyncpg.Connection) -> tuple[object, ...]:
+    return tuple(await conn.fetchrow(
+        "SELECT (SELECT string_agg(id || label, ',' ORDER BY id) FROM parent),"
+        " (SELECT string_agg(id || ':' || parent_id || ':' || doubled, ',' ORDER BY id) FROM child),"
+        " (SELECT count(*) FROM tenant.note), nextval('parent_id_seq'), nextval('tenant.note_id_seq')"
+    ))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("replica", [True, False], ids=["replica", "fk-closure"])
+async def test_reset_restores_template_rows_and_sequences_touching_only_dirty_tables(
+    scratch_db: asyncpg.Connection, replica: bool
+) -> None:
+    conn = scratch_db
+    await conn.execute(SCHEMA)
+    assert await reset.install(conn) == 23
+    before = await snapshot(conn)  # advances the two sequences, marks nothing dirty
+    await conn.execute("SELECT setval('parent_id_seq', 2), setval('tenant.note_id_seq', 1, false)")
+    await conn.execute("INSERT INTO parent (label) VALUES ('new')")  # trigger writes tenant.note
+    await conn.execute("UPDATE parent SET label = 'changed' WHERE id = 1")
+    await conn.execute("DELETE FROM child")
+    await conn.execute("INSERT INTO child (parent_id) VALUES (3)")
+    dirty = {r[0] for r in await conn.fetch("SELECT relid::regclass::text FROM _pgtemplate.dirty")}
+    assert dirty == {"parent", "child", "tenant.note"}
+
+    resetter = reset.TruncateReset(conn, "scratch", timeout=2)
+    if not replica:
+        resetter.replica = False
+    await resetter.reset()
+    assert await snapshot(conn) == before
+    assert await conn.fetchval("SELECT count(*) FROM _pgtemplate.dirty") == 0
+    await resetter.reset()  # a clean database: nothing to do
+    assert resetter.stats.tables == 3
+    assert len(resetter.stats.seconds) == 2
+
+
+@pytest.mark.asyncio
+async def test_reset_terminates_a_session_left_running_and_keeps_idle_ones(
+    scratch_db: asyncpg.Connection,
+) -> None:
+    conn = scratch_db
+    await conn.execute("CREATE TABLE t (id int)")
+    await reset.install(conn)
+    await conn.execute("INSERT INTO t VALUES (1)")
+    dsn = parse_url(SERVER_URL, "test").set(database=await conn.fetchval("SELECT current_database()"))
+    idle = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    busy = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    try:
+        blocker = asyncio.ensure_future(
+            busy.execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(30)")
+        )
+        await asyncio.sleep(0.3)
+        resetter = reset.TruncateReset(conn, "scratch", timeout=5)
+        await resetter.reset()
+        assert resetter.stats.terminated == 1
+        assert await conn.fetchval("SELECT count(*) FROM t") == 0
+        assert await idle.fetchval("SELECT 1") == 1  # an idle pooled connection survives
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await blocker
+    finally:
+        idle.terminate()
+        busy.terminate()
+
+
+@pytest.mark.asyncio
+async def test_admin_refuses_to_drop_unmarked_databases(scratch_db: asyncpg.Connection) -> None:
+    name = await scratch_db.fetchval("SELECT current_database()")
+    admin = await Admin.open(parse_url(SERVER_URL, "test"))
+    try:
+        assert await admin.drop_ours(name) is False
+        assert (await admin.info(name)) is not None
+    finally:
+        await admin.close()
+
+
+# -- code rules -------------------------------------------------------------
+
+
+def _modules() -> list[tuple[Path, ast.Module]]:
+    return [(p, ast.parse(p.read_text())) for p in sorted(SRC.glob("*.py"))]
+
+
+def test_logic_modules_never_import_pytest() -> None:
+    glue = {"plugin.py", "fixtures.py"}
+    for path, tree in _modules():
+        if path.name in glue:
+            continue
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] in ("pytest", "_pytest", "pytest_asyncio") for n in names), (
+                f"{path.name} imports pytest"
+            )
+
+
+SQL_CALLS = {"execute", "fetch", "fetchrow", "fetchval", "executemany"}
+
+
+def test_sql_is_never_built_with_string_formatting() -> None:
+    """Names go through naming.sql(); values are bind parameters.  Any f-string, %-format
+    or .format() passed to a query call is a bug."""
+    offenders = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in SQL_CALLS and node.args):
+                continue
+            arg = node.args[0]
+            formatted = isinstance(arg, ast.JoinedStr) or (
+                isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Mod | ast.Add)
+            ) or (isinstance(arg, ast.Call) and isinstance(arg.func, ast.Attribute)
+                  and arg.func.attr == "format")
+            if formatted:
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
