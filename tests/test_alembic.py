@@ -1,0 +1,106 @@
+"""Alembic env.py variants the migrator must handle."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Project
+
+# The Alembic cookbook's connection sharing: use config.attributes["connection"] when a
+# caller provides one, else build an engine from the URL.
+CONNECTION_ENV_PY = '''
+import asyncio
+from alembic import context
+from sqlalchemy.ext.asyncio import async_engine_from_config
+from sqlalchemy.pool import NullPool
+
+config = context.config
+
+
+def do_run_migrations(connection):
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations():
+    raise AssertionError("the plugin passes a connection; the URL path must not run")
+
+
+connectable = config.attributes.get("connection", None)
+if connectable is None:
+    asyncio.run(run_async_migrations())
+else:
+    do_run_migrations(connectable)
+'''
+
+SYNC_ENV_PY = '''
+import logging.config
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+logging.config.dictConfig({"version": 1, "disable_existing_loggers": True})
+
+engine = engine_from_config(config.get_section(config.config_ini_section), prefix="sqlalchemy.",
+                            poolclass=pool.NullPool)
+assert engine.dialect.driver == "psycopg", engine.dialect.driver
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+'''
+
+OWN_DATABASE_ENV_PY = '''
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", poolclass=pool.NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection, version_table="scratch_pgt_never_written")
+    # Migrating "postgres" would be wrong: only pretend to, so nothing is written there.
+'''
+
+SUITE = '''
+import logging
+from sqlalchemy import text
+
+def test_schema(pg_sync_session):
+    assert pg_sync_session.execute(text("select count(*) from country")).scalar() == 3
+
+def test_logging_still_works(caplog):
+    logging.getLogger("app").warning("hello")
+    assert "hello" in caplog.text
+'''
+
+
+@pytest.mark.parametrize("env_py", [CONNECTION_ENV_PY, SYNC_ENV_PY], ids=["connection", "sync"])
+def test_env_py_variants_migrate_the_template(project: Project, env_py: str) -> None:
+    (project.pytester.path / "migrations" / "env.py").write_text(env_py)
+    if env_py is SYNC_ENV_PY:
+        project.pytester.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n"
+                                  "sqlalchemy.url = postgresql+psycopg://u@127.0.0.1/placeholder\n")
+    project.pytester.makepyfile(test_inner=SUITE)
+    project.run("-n", "2").assert_outcomes(passed=2)
+    assert project.migrations_run() == 1
+
+
+def test_env_py_that_migrates_another_database_is_caught(project: Project) -> None:
+    (project.pytester.path / "migrations" / "env.py").write_text(OWN_DATABASE_ENV_PY)
+    project.pytester.makepyfile(test_inner=SUITE)
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(errors=1)  # the session stops at the first setup failure
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: Alembic ran but did not migrate the template database *_bld_* (no "
+        "alembic_version table there): env.py probably connects to a database of its own. Make env.py "
+        "use config.get_main_option('sqlalchemy.url') or config.attributes['connection'].*"
+    ])
+    assert project.databases() == []
+
+
+def test_alembic_ini_given_by_setting_with_relative_script_location(project: Project) -> None:
+    db_dir = project.pytester.path / "db"
+    db_dir.mkdir()
+    (project.pytester.path / "alembic.ini").rename(db_dir / "alembic.ini")
+    (project.pytester.path / "migrations").rename(db_dir / "migrations")
+    project.pytester.makepyfile(test_inner=SUITE)
+    project.run("-p", "no:xdist", "--pgt-alembic-ini", "db/alembic.ini").assert_outcomes(passed=2)
