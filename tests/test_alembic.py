@@ -92,7 +92,7 @@ def test_env_py_that_migrates_another_database_is_caught(project: Project) -> No
     result.stdout.fnmatch_lines([
         "*pytest-pgtemplate: Alembic ran but did not migrate the template database *_bld_* (no "
         "alembic_version table there): env.py probably connects to a database of its own. Make env.py "
-        "use config.get_main_option('sqlalchemy.url') or config.attributes['connection'].*"
+        "use config.get_main_option('sqlalchemy.url') or config.attributes[[]'connection'[]].*"
     ])
     assert project.databases() == []
 
