@@ -1,0 +1,1 @@
+"""A small web-shop backend: the showcase application of pytest-pgtemplate."""
