@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import Project
 
 # The Alembic cookbook's connection sharing: use config.attributes["connection"] when a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import Project, databases_like
 
 # Each test starts by asserting the template's exact state, then dirties every kind
@@ -112,6 +113,7 @@ def test_keep_leaves_worker_database_and_prints_url(project: Project) -> None:
 
 def test_unmarked_database_with_our_name_is_never_touched(project: Project) -> None:
     import psycopg
+
     from conftest import SERVER_URL
 
     project.pytester.makepyfile(test_inner=ISOLATION_SUITE)

@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import SERVER_URL
 
+from conftest import SERVER_URL
 from pytest_pgtemplate import fingerprint, naming, reset, settings
 from pytest_pgtemplate.admin import Admin
 from pytest_pgtemplate.db import parse_url
@@ -123,7 +123,8 @@ def test_fingerprint_changes_with_bytes_and_renames_not_with_location(tmp_path: 
 
 def test_fk_levels_put_parents_first_and_survive_cycles() -> None:
     levels = reset.fk_levels([(2, 1), (3, 2), (3, 1), (4, 5), (5, 4)])
-    assert levels[2] == 1 and levels[3] == 2
+    assert levels[2] == 1
+    assert levels[3] == 2
     assert {levels[4], levels[5]} <= {0, 1}
 
 

@@ -1,11 +1,12 @@
 """The fixtures: URLs, engines and sessions bound to this process's worker database.
 
 Event loops: asyncpg connections belong to the loop that opened them, and
-pytest-asyncio gives each test its own loop unless told otherwise.  ``pg_engine``
-therefore hands out, for a loop it has not seen before, one shared NullPool engine
-(no connection outlives a test, works on any loop); once a loop is seen in a second
-test it is long-lived (a session/module-scoped loop), and that loop gets a pooled
-engine whose warm connections are reused by every later test on it.
+pytest-asyncio gives each test its own loop unless told otherwise.  ``pg_engine`` is
+one pooled AsyncEngine per process (its dialect initialised once).  After a test on a
+loop not seen before, its pool is disposed on that loop, so no connection outlives
+the loop; when a second test runs on the same loop (a session- or module-scoped
+loop), the loop is long-lived and the pool's warm connections are kept for every
+later test on it.  Within one test, every session reuses one pooled connection.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from .errors import PgTemplateError
 from .runtime import Runtime, WorkerDatabase
@@ -31,15 +36,13 @@ if TYPE_CHECKING:
 
 
 class Engines:
-    """Engines for the current worker database, per event loop (see module docstring)."""
+    """The process's engines for the current worker database (see module docstring)."""
 
     def __init__(self) -> None:
         self.generation = -1
-        self._shared: AsyncEngine | None = None
-        self._seen: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        self._pooled: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._async: AsyncEngine | None = None
+        self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._keep_warm = False
         self._sync: Engine | None = None
 
     def sync_for(self, db: WorkerDatabase, generation: int) -> Engine:
@@ -52,23 +55,28 @@ class Engines:
                     "pytest-pgtemplate: the sync fixtures (pg_sync_*) need psycopg 3; "
                     "pip install 'pytest-pgtemplate[sync]'."
                 ) from exc
-            self._sync = create_engine(db.sync_url, pool_pre_ping=True)
+            self._sync = create_engine(db.sync_url)
         return self._sync
 
-    def async_for(self, db: WorkerDatabase, generation: int) -> AsyncEngine:
+    def acquire(self, db: WorkerDatabase, generation: int) -> AsyncEngine:
+        """The engine for a test about to run on the current loop."""
         self._check(generation)
         loop = asyncio.get_running_loop()
-        engine = self._pooled.get(loop)
-        if engine is not None:
-            return engine
-        if loop in self._seen:
-            engine = create_async_engine(db.url, pool_pre_ping=True)
-            self._pooled[loop] = engine
-            return engine
-        self._seen.add(loop)
-        if self._shared is None:
-            self._shared = create_async_engine(db.url, poolclass=NullPool)
-        return self._shared
+        previous = self._last_loop() if self._last_loop is not None else None
+        if self._async is None:
+            self._async = create_async_engine(db.url)
+        elif previous is not loop and self._keep_warm:
+            # The long-lived loop was replaced (e.g. per-module loops): its connections
+            # cannot be used here, and that loop may be closed: just let them go.
+            self._async.sync_engine.dispose(close=False)
+        self._keep_warm = previous is loop
+        self._last_loop = weakref.ref(loop)
+        return self._async
+
+    async def release(self) -> None:
+        """After the test, on its loop: close the connections unless the loop is long-lived."""
+        if self._async is not None and not self._keep_warm:
+            await self._async.dispose()
 
     def _check(self, generation: int) -> None:
         # The worker database was re-created: connections to the old one are gone.
@@ -77,16 +85,13 @@ class Engines:
             self.generation = generation
 
     def close(self) -> None:
-        """Forget every engine without awaiting: their loops may be closed already, and
-        the worker database is dropped WITH (FORCE) right after."""
-        for engine in [self._shared, *self._pooled.values()]:
-            if engine is not None:
-                engine.sync_engine.dispose(close=False)
+        """Forget every engine without awaiting: the loop may be closed already, and the
+        worker database is dropped WITH (FORCE) right after."""
+        if self._async is not None:
+            self._async.sync_engine.dispose(close=False)
         if self._sync is not None:
             self._sync.dispose()
-        self._shared, self._sync = None, None
-        self._pooled = weakref.WeakKeyDictionary()
-        self._seen = weakref.WeakSet()
+        self._async, self._sync, self._last_loop, self._keep_warm = None, None, None, False
 
 
 def _state(request: pytest.FixtureRequest) -> PluginState:
@@ -128,10 +133,14 @@ def pg_sync_url(_pgt_database: WorkerDatabase) -> URL:
 
 
 @pytest_asyncio.fixture
-async def pg_engine(request: pytest.FixtureRequest, _pgt_database: WorkerDatabase) -> AsyncEngine:
+async def pg_engine(
+    request: pytest.FixtureRequest, _pgt_database: WorkerDatabase
+) -> AsyncIterator[AsyncEngine]:
     """AsyncEngine bound to this worker's database (do not dispose it)."""
     state = _state(request)
-    return state.engines.async_for(_pgt_database, state.runtime(request.config).generation)
+    engines = state.engines
+    yield engines.acquire(_pgt_database, state.runtime(request.config).generation)
+    await engines.release()
 
 
 @pytest.fixture
