@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Generator
-from typing import TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
 
@@ -26,35 +26,68 @@ from .report import Summary, format_summary, worker_payload
 from .runtime import Runtime
 from .settings import OPTIONS, RESET_STRATEGIES, Settings, resolve
 
+if TYPE_CHECKING:
+    from .embedded import EmbeddedServer
+
 T = TypeVar("T")
 
 URL_NAMES = "--pgt-url / PGTEMPLATE_URL / pgtemplate_url"
 
 
 class PluginState:
-    """What the plugin keeps per pytest process (in ``config.stash``)."""
+    """What the plugin keeps per pytest process (in ``config.stash``).
 
-    def __init__(self, settings: Settings, *, run_id: str, worker: str, server: str | None,
-                 server_source: str) -> None:
+    The server is the URL the user gave, else an embedded cluster: started lazily by
+    a single process, or by the xdist controller when it configures its first worker
+    (the workers get its URL, or the error that prevented it, through ``workerinput``).
+    """
+
+    def __init__(self, settings: Settings, *, run_id: str, worker: str,
+                 workerinput: dict[str, object] | None) -> None:
         self.settings = settings
         self.run_id = run_id
         self.worker = worker
-        self.server = server
-        self.server_source = server_source
+        self.server: str | None = settings.url
+        self.server_source = settings.source("url")
+        self.embedded: EmbeddedServer | None = None
+        self.embedded_error: str | None = None
+        self.server_description: str | None = None
+        self.clone_strategy: str | None = None
+        if settings.url is None and workerinput is not None:
+            self.server = _opt_str(workerinput.get("pgtemplate_url"))
+            self.embedded_error = _opt_str(workerinput.get("pgtemplate_error"))
+            self.server_description = _opt_str(workerinput.get("pgtemplate_server"))
+            self.server_source = "embedded server of the xdist controller"
+            self.clone_strategy = "file_copy"
         self.engines = Engines()
         self._runtime: Runtime | None = None
         self.summary = Summary()
 
+    def start_embedded(self) -> None:
+        """Start the embedded server if no URL is configured (once; errors are kept)."""
+        if self.server is not None or self.embedded_error is not None:
+            return
+        from .embedded import start
+
+        try:
+            self.embedded = start(self.settings.pg_bin, self.settings.source("pg_bin"))
+        except PgTemplateError as exc:
+            self.embedded_error = str(exc)
+            return
+        self.server = self.embedded.url
+        self.server_source = "embedded server"
+        self.server_description = self.embedded.describe()
+        self.clone_strategy = "file_copy"  # fsync is off there: copying files is fastest
+
     def runtime(self, config: pytest.Config) -> Runtime:
         if self._runtime is None:
-            if self.server is None:
-                raise PgTemplateError(
-                    f"pytest-pgtemplate: no PostgreSQL server configured; set {URL_NAMES} "
-                    "(e.g. postgresql://postgres@127.0.0.1:5432/postgres).",
-                    setting="url",
-                )
+            self.start_embedded()
+            if self.embedded_error is not None:
+                raise PgTemplateError(self.embedded_error)
+            assert self.server is not None
             url = parse_url(self.server, self.server_source)
-            self._runtime = Runtime(self.settings, url, run_id=self.run_id, worker=self.worker)
+            self._runtime = Runtime(self.settings, url, run_id=self.run_id, worker=self.worker,
+                                    clone_strategy=self.clone_strategy)
         return self._runtime
 
     def call(self, request: pytest.FixtureRequest, func: Callable[[], T]) -> T:
@@ -84,6 +117,10 @@ class PluginState:
         if kept is None:
             return []
         return [kept.url.render_as_string(hide_password=True)]
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 STATE_KEY = pytest.StashKey[PluginState]()
@@ -122,10 +159,7 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id, worker = str(workerinput["testrunuid"]), str(workerinput["workerid"])
     else:
         run_id, worker = uuid.uuid4().hex, "main"
-    state = PluginState(
-        settings, run_id=run_id, worker=worker, server=settings.url,
-        server_source=settings.source("url"),
-    )
+    state = PluginState(settings, run_id=run_id, worker=worker, workerinput=workerinput)
     config.stash[STATE_KEY] = state
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
@@ -156,8 +190,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if state is None:
         return []
     s = state.settings
-    if state.server is None:
-        server = f"none configured (set {URL_NAMES})"
+    if state.server is None or state.embedded is not None:
+        server = "embedded (no --pgt-url / PGTEMPLATE_URL / pgtemplate_url), started on first use"
     else:
         try:
             server = f"{where(parse_url(state.server, state.server_source))} ({state.server_source})"
@@ -183,11 +217,34 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         workeroutput["pgtemplate"] = state.summary.to_dict()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is not None and state.embedded is not None:
+        state.embedded.stop()
+
+
+class WorkerNode(Protocol):
+    """What we use of xdist's WorkerController."""
+
+    workerinput: dict[str, object]
+
+
 class XdistHooks:
     """Hooks that exist only with pytest-xdist: registered when it is active."""
 
     def __init__(self, state: PluginState) -> None:
         self.state = state
+
+    def pytest_configure_node(self, node: WorkerNode) -> None:
+        """Controller: start the embedded server before the first worker, pass its URL."""
+        self.state.start_embedded()
+        for key, value in (
+            ("pgtemplate_url", self.state.server if self.state.embedded else None),
+            ("pgtemplate_error", self.state.embedded_error),
+            ("pgtemplate_server", self.state.server_description),
+        ):
+            if value is not None:
+                node.workerinput[key] = value
 
     def pytest_testnodedown(self, node: object, error: object) -> None:
         """Controller: gather each worker's numbers for the summary."""
@@ -201,6 +258,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if state is None or getattr(config, "workerinput", None) is not None:
         return
     lines = format_summary(state.summary)
+    if lines and state.server_description:
+        lines.insert(0, f"server: {state.server_description}")
     if lines:
         terminalreporter.write_sep("-", "pytest-pgtemplate")
         for line in lines:

