@@ -4,64 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Project, databases_like
-
-# Each test starts by asserting the template's exact state, then dirties every kind
-# of thing a reset must undo: rows in 3 tables and 2 schemas, template rows updated
-# and deleted, identity/serial sequences advanced.
-ISOLATION_SUITE = '''
-import os
-from pathlib import Path
-
-import pytest
-from sqlalchemy import text
-
-OUT = Path(__file__).parent / "seen"
-OUT.mkdir(exist_ok=True)
-REFERENCE = "de:Germany,fr:France,it:Italy"
-
-
-async def state(session):
-    query = ("select (select count(*) from customer), (select count(*) from orders), "
-             "(select count(*) from billing.invoice), "
-             "(select string_agg(code || ':' || name, ',' order by code) from country)")
-    return tuple((await session.execute(text(query))).one())
-
-
-@pytest.mark.parametrize("i", range(6))
-async def test_async_writes_are_undone(pg_session, i):
-    db = (await pg_session.execute(text("select current_database()"))).scalar()
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    (OUT / f"{worker}-{i}").write_text(db)
-    assert await state(pg_session) == (0, 0, 0, REFERENCE)
-    cid = (await pg_session.execute(text(
-        "insert into customer (name, country) values ('ann', 'fr') returning id"))).scalar()
-    oid = (await pg_session.execute(text(
-        "insert into orders (customer_id) values (:c) returning id"), {"c": cid})).scalar()
-    iid = (await pg_session.execute(text(
-        "insert into billing.invoice (order_id, total) values (:o, 9) returning id"), {"o": oid})).scalar()
-    assert (cid, oid, iid) == (1, 1, 1)
-    await pg_session.execute(text("update country set name = 'X' where code = 'de'"))
-    await pg_session.execute(text("delete from country where code = 'it'"))
-    await pg_session.commit()
-
-
-@pytest.mark.parametrize("i", range(4))
-def test_sync_writes_are_undone(pg_sync_session, i):
-    row = pg_sync_session.execute(text(
-        "select (select count(*) from customer), "
-        "(select string_agg(code || ':' || name, ',' order by code) from country)")).one()
-    assert tuple(row) == (0, REFERENCE)
-    cid = pg_sync_session.execute(text(
-        "insert into customer (name) values ('bob') returning id")).scalar()
-    assert cid == 1
-    pg_sync_session.execute(text("truncate country cascade"))
-    pg_sync_session.commit()
-
-
-def test_without_database():
-    pass
-'''
+from conftest import ISOLATION_SUITE, Project, databases_like
 
 
 def seen_databases(project: Project) -> set[str]:

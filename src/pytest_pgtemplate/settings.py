@@ -88,6 +88,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DIR",
     ),
     Option(
+        "embedded_dir",
+        "Where the embedded server keeps its clusters between runs (default: "
+        "/dev/shm/pytest-pgtemplate-<uid>, else the temp dir).",
+        kind="path",
+        metavar="DIR",
+    ),
+    Option(
         "prefix",
         "Name prefix of every database the plugin creates (lowercase letters, digits, _).",
         default="pgt",
@@ -121,6 +128,7 @@ class Settings:
     keep: bool
     alembic_ini: Path | None
     pg_bin: Path | None
+    embedded_dir: Path | None
     prefix: str
     timeout: float
     reset_timeout: float
