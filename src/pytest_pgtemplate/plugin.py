@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-URL_NAMES = "--pgt-url / PGTEMPLATE_URL / pgtemplate_url"
 
 
 class PluginState:
