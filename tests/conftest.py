@@ -43,12 +43,13 @@ asyncio.run(run_async_migrations())
 
 # Every revision appends its id to migrations.log: the outer test counts migrator runs.
 REVISION = '''
+import os
 from pathlib import Path
 from alembic import op
 
 revision = {rev!r}
 down_revision = {down!r}
-LOG = Path({log!r})
+LOG = Path(os.environ["PGT_MIGRATIONS_LOG"])
 
 
 def upgrade():
@@ -79,8 +80,8 @@ BASE_REVISIONS = [
 ]
 
 
-def render_revision(rev: str, down: str | None, body: str, log: Path) -> str:
-    return REVISION.format(rev=rev, down=down, log=str(log), body=textwrap.indent(
+def render_revision(rev: str, down: str | None, body: str) -> str:
+    return REVISION.format(rev=rev, down=down, body=textwrap.indent(
         textwrap.dedent(body).strip("\n"), "    "))
 
 
@@ -160,7 +161,7 @@ class Project:
 
     def add_revision(self, rev: str, down: str | None, body: str) -> None:
         path = self.pytester.path / "migrations" / "versions" / f"{rev}_rev.py"
-        path.write_text(render_revision(rev, down, body, self.log))
+        path.write_text(render_revision(rev, down, body))
 
     def run(self, *args: str) -> pytest.RunResult:
         return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
@@ -194,6 +195,9 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Itera
         if key.startswith("PGTEMPLATE_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("PGTEMPLATE_URL", SERVER_URL)
+    # Revisions append to this file: the outer test counts migrator runs.  It lives
+    # outside the revision files so two copies of a project share a fingerprint.
+    monkeypatch.setenv("PGT_MIGRATIONS_LOG", str(pytester.path / "migrations.log"))
     pytester.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n"
                       "sqlalchemy.url = postgresql+asyncpg://unused@127.0.0.1/unused\n")
     pytester.makeini(f"""

@@ -86,7 +86,7 @@ def test_longest_names_fit_and_differ() -> None:
 
 
 def test_marker_round_trip_and_foreign_comments() -> None:
-    marker = naming.Marker.new(naming.TEMPLATE, "abc", "run1")
+    marker = naming.Marker.new(naming.TEMPLATE, "abc", "run1", "pgt")
     assert naming.Marker.parse(marker.text()) == marker
     assert naming.Marker.parse("pytest-pgtemplate {not json") is None
     assert naming.Marker.parse("created by hand") is None

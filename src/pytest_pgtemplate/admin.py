@@ -30,6 +30,22 @@ class DatabaseInfo:
     is_template: bool
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseRow:
+    name: str
+    marker: Marker | None
+    is_template: bool
+    size: int | None
+
+
+def run_lock(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+def use_lock(template: str) -> str:
+    return f"use:{template}"
+
+
 def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key for ``name``."""
     digest = hashlib.blake2b(f"pytest-pgtemplate:{name}".encode(), digest_size=8).digest()
@@ -43,6 +59,7 @@ class Admin:
         self.url = url
         self.conn = conn
         self.major = major
+        self._held: set[str] = set()  # shared locks this session holds
 
     @classmethod
     async def open(cls, url: URL) -> Admin:
@@ -185,6 +202,35 @@ class Admin:
 
     async def unlock(self, name: str) -> None:
         await self.conn.fetchval("SELECT pg_advisory_unlock($1)", lock_key(name))
+
+    async def hold_shared(self, name: str) -> None:
+        """Hold a shared advisory lock on ``name`` for as long as this connection lives:
+        it says "a live process uses this" (a run, a template) to every sweeper."""
+        if name not in self._held:
+            await self.conn.fetchval("SELECT pg_advisory_lock_shared($1)", lock_key(name))
+            self._held.add(name)
+
+    async def unused(self, name: str) -> bool:
+        """True if no live session holds ``name``'s lock; then this session holds it
+        exclusively until ``unlock(name)``, so nobody starts using it meanwhile.
+
+        A lock this session holds shared counts as used (PostgreSQL would grant us the
+        exclusive lock on top of our own shared one)."""
+        if name in self._held:
+            return False
+        return bool(await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)))
+
+    async def databases(self) -> list[DatabaseRow]:
+        """Every database on the server with its marker (None: not ours) and size."""
+        rows = await self.conn.fetch(
+            "SELECT datname, datistemplate, shobj_description(oid, 'pg_database') AS comment, "
+            "CASE WHEN has_database_privilege(oid, 'CONNECT') OR datistemplate "
+            "THEN pg_database_size(oid) END AS size FROM pg_database ORDER BY datname"
+        )
+        return [
+            DatabaseRow(r["datname"], Marker.parse(r["comment"]), bool(r["datistemplate"]), r["size"])
+            for r in rows
+        ]
 
     async def lock_holder(self, key: int) -> str:
         row = await self.conn.fetchrow(

@@ -113,7 +113,7 @@ class AlembicMigrator:
             ) from exc
 
     def inputs(self) -> list[tuple[str, bytes]]:
-        cfg = self._config()
+        cfg = Config(str(self.ini))  # as written: _config() makes paths absolute
         found = tree_inputs(self.script_dir(), "scripts")
         for extra in (cfg.get_main_option("version_locations") or "").replace(",", " ").split():
             path = Path(extra) if Path(extra).is_absolute() else self.ini.parent / extra
@@ -124,6 +124,7 @@ class AlembicMigrator:
             if k not in ("sqlalchemy.url", "here")
         )
         found.append(("alembic-options", repr(options).encode()))
+        found.append(("migrator", self.kind.encode()))
         return found
 
     def describe(self) -> str:

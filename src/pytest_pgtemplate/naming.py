@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 TEMPLATE = "template"
 BUILDING = "building"
 WORKER = "worker"
+KEPT = "kept"  # a worker database kept by --pgt-keep: the automatic sweep spares it
 
 
 def ident(name: str) -> str:
@@ -72,10 +73,12 @@ class Marker:
     pid: int
     created: float
     format: int = FORMAT_VERSION
+    prefix: str = ""
 
     @classmethod
-    def new(cls, kind: str, fingerprint: str, run: str) -> Marker:
-        return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time())
+    def new(cls, kind: str, fingerprint: str, run: str, prefix: str) -> Marker:
+        return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time(),
+                   prefix=prefix)
 
     def text(self) -> str:
         return f"{MARKER_TAG} {json.dumps(asdict(self), sort_keys=True)}"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
-from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
+from sqlalchemy.engine import URL
 
-from .db import parse_url, where
+from .admin import Admin
+from .db import LoopThread, parse_url, where
 from .errors import ConfigError, PgTemplateError
 from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module's namespace)
     Engines,
@@ -25,6 +28,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module'
 from .report import Summary, format_summary, worker_payload
 from .runtime import Runtime
 from .settings import OPTIONS, RESET_STRATEGIES, Settings, resolve
+from .sweep import describe, sweep
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedServer
@@ -119,6 +123,14 @@ class PluginState:
         return [kept.url.render_as_string(hide_password=True)]
 
 
+def _run_once(coro: Coroutine[Any, Any, T]) -> T:
+    loop = LoopThread()
+    try:
+        return loop.run(coro)
+    finally:
+        loop.close()
+
+
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -138,6 +150,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                             metavar=opt.metavar or opt.name.upper(),
                             choices=list(opt.choices) or None)
         parser.addini(opt.ini, help=opt.help, type="string", default="")
+    group.addoption("--pgt-list", action="store_true", dest="pgt_list",
+                    help="list the databases pytest-pgtemplate created on the server, and exit")
+    group.addoption("--pgt-gc", action="store_true", dest="pgt_gc",
+                    help="drop leftovers of dead runs (kept ones too) and old unused templates, and exit")
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--pgt-list`` / ``--pgt-gc``: act on the server and exit without running tests."""
+    if not (config.getoption("pgt_list") or config.getoption("pgt_gc")):
+        return None
+    settings = _resolve(config)
+    state = PluginState(settings, run_id=uuid.uuid4().hex, worker="main", workerinput=None)
+    try:
+        state.start_embedded()
+        if state.embedded_error is not None:
+            raise PgTemplateError(state.embedded_error)
+        assert state.server is not None
+        url = parse_url(state.server, state.server_source)
+        lines = _run_once(_command(url, settings, gc=bool(config.getoption("pgt_gc"))))
+    except PgTemplateError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    finally:
+        if state.embedded is not None:
+            state.embedded.stop()
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
+    admin = await Admin.open(url)
+    try:
+        if not gc:
+            return await describe(admin) or [f"no databases of pytest-pgtemplate on {where(url)}"]
+        result = await sweep(admin, keep_templates=settings.keep_templates, include_kept=True)
+        if result.skipped:
+            return ["another process is sweeping right now; nothing done"]
+        return [f"dropped {name}" for name in result.dropped] or ["nothing to drop"]
+    finally:
+        await admin.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -145,15 +197,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "pgtemplate(reset=...): per-test reset strategy (" + "|".join(RESET_STRATEGIES) + ")",
     )
-    try:
-        settings = resolve(
-            cli={opt.dest: config.getoption(opt.dest) for opt in OPTIONS},
-            env=os.environ,
-            ini={opt.ini: config.getini(opt.ini) for opt in OPTIONS},
-            rootdir=config.rootpath,
-        )
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    settings = _resolve(config)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
         run_id, worker = str(workerinput["testrunuid"]), str(workerinput["workerid"])
@@ -163,6 +207,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE_KEY] = state
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
+
+
+def _resolve(config: pytest.Config) -> Settings:
+    try:
+        return resolve(
+            cli={opt.dest: config.getoption(opt.dest) for opt in OPTIONS},
+            env=os.environ,
+            ini={opt.ini: config.getini(opt.ini) for opt in OPTIONS},
+            rootdir=config.rootpath,
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def marker_reset(marker: pytest.Mark) -> str:

@@ -17,12 +17,13 @@ class Summary:
     reset_seconds: list[float] = field(default_factory=list)
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
 
     def add(self, payload: dict[str, Any]) -> None:
         self.merge(payload)
 
     def merge(self, other: dict[str, Any]) -> None:
-        for key in ("templates", "clone_seconds", "reset_seconds", "databases", "kept"):
+        for key in ("templates", "clone_seconds", "reset_seconds", "databases", "kept", "swept"):
             getattr(self, key).extend(other.get(key, []))
 
     def to_dict(self) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
         "clone_seconds": list(runtime.timings.clone_seconds),
         "reset_seconds": runtime.reset_stats(),
         "databases": [] if runtime.current_name is None else [runtime.current_name],
+        "swept": list(runtime.timings.swept),
     }
 
 
@@ -71,6 +73,9 @@ def format_summary(summary: Summary) -> list[str]:
             f"resets: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
             f"p95 {percentile(r, 0.95) * 1000:.1f} ms, max {max(r) * 1000:.1f} ms"
         )
+    if summary.swept:
+        lines.append(f"swept {len(summary.swept)} leftover database(s) of dead runs or old templates: "
+                     + ", ".join(sorted(summary.swept)))
     for url in summary.kept:
         lines.append(f"kept worker database: {url}")
     return lines

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
 
-from .admin import Admin
+from .admin import Admin, run_lock
 from .db import LoopThread, connect, with_driver
 from .errors import PgTemplateError
 from .migrate import AlembicMigrator, Migrator, find_alembic_ini
-from .naming import WORKER, Marker, worker_name
+from .naming import KEPT, WORKER, Marker, worker_name
 from .reset import TruncateReset
 from .settings import Settings
+from .sweep import sweep
 from .template import BuildRequest, Template, ensure
 
 
@@ -33,6 +34,7 @@ class WorkerDatabase:
 class Timings:
     template: Template | None = None
     clone_seconds: list[float] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
 
 
 def make_migrator(settings: Settings) -> Migrator:
@@ -84,6 +86,8 @@ class Runtime:
     def _create(self) -> WorkerDatabase:
         if self._admin is None:
             self._admin = self.loop.run(Admin.open(self.server_url))
+            # Alive from here on: sweeps of other runs spare what this run creates.
+            self.loop.run(self._admin.hold_shared(run_lock(self.run_id)))
         if self.timings.template is None:
             request = BuildRequest(
                 migrator=make_migrator(self.settings),
@@ -93,6 +97,10 @@ class Runtime:
                 timeout=self.settings.timeout,
             )
             self.timings.template = ensure(self.loop, self._admin, request)
+            # After the build, so the new template counts among the newest kept.
+            swept = self.loop.run(sweep(self._admin, keep_templates=self.settings.keep_templates,
+                                        include_kept=False))
+            self.timings.swept.extend(swept.dropped)
         return self._clone(self.timings.template)
 
     def _clone(self, template: Template) -> WorkerDatabase:
@@ -101,7 +109,7 @@ class Runtime:
         start = time.perf_counter()
         # A restarted xdist worker reuses its id within the run: replace its database.
         self.loop.run(self._admin.drop_ours(name))
-        marker = Marker.new(WORKER, template.fingerprint, self.run_id)
+        marker = Marker.new(WORKER, template.fingerprint, self.run_id, self.settings.prefix)
         self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy))
         self.timings.clone_seconds.append(time.perf_counter() - start)
         conn = self.loop.run(connect(self.server_url, name))
@@ -148,6 +156,10 @@ class Runtime:
             if self._admin is not None:
                 if self._db is not None and self.settings.keep:
                     kept = self._db
+                    assert self.timings.template is not None
+                    marker = Marker.new(KEPT, self.timings.template.fingerprint, self.run_id,
+                                        self.settings.prefix)
+                    self.loop.run(self._admin.mark(kept.name, marker))
                 elif self._db is not None:
                     self.loop.run(self._admin.drop_ours(self._db.name))
                 self.loop.run(self._admin.close())

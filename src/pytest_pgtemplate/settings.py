@@ -22,7 +22,7 @@ class Option:
 
     name: str
     help: str
-    kind: str = "str"  # str | bool | float | path | choice
+    kind: str = "str"  # str | bool | int | float | path | choice
     default: object = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -100,6 +100,13 @@ OPTIONS: tuple[Option, ...] = (
         default="pgt",
     ),
     Option(
+        "keep_templates",
+        "How many templates per prefix the sweep keeps (newest first); older unused ones are dropped.",
+        kind="int",
+        default=3,
+        metavar="N",
+    ),
+    Option(
         "timeout",
         "Seconds to wait for another process building the same template.",
         kind="float",
@@ -130,6 +137,7 @@ class Settings:
     pg_bin: Path | None
     embedded_dir: Path | None
     prefix: str
+    keep_templates: int
     timeout: float
     reset_timeout: float
     rootdir: Path
@@ -210,6 +218,13 @@ def _to_float(opt: Option, raw: object, rootdir: Path) -> float:
     return value
 
 
+def _to_int(opt: Option, raw: object, rootdir: Path) -> int:
+    value = int(str(raw))
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
 def _to_choice(opt: Option, raw: object, rootdir: Path) -> str:
     text = str(raw).strip()
     if text not in opt.choices:
@@ -229,6 +244,7 @@ def _to_str(opt: Option, raw: object, rootdir: Path) -> str:
 _CONVERTERS: dict[str, Callable[[Option, object, Path], object]] = {
     "bool": _to_bool,
     "float": _to_float,
+    "int": _to_int,
     "choice": _to_choice,
     "path": _to_path,
     "str": _to_str,

@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.engine import URL
 
 from . import fingerprint, reset
-from .admin import Admin
+from .admin import Admin, use_lock
 from .db import LoopThread, connect, where
 from .errors import PgTemplateError
 from .migrate import Migrator
@@ -62,6 +62,8 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
     name = template_name(request.prefix, fp)
     server = hashlib.sha1(where(admin.url).encode(), usedforsecurity=False).hexdigest()[:12]
     failed_note = lock_dir() / f"{server}-{name}-{request.run_id}.failed"
+    # Say "in use" before looking: a sweep of another run must not prune it meanwhile.
+    loop.run(admin.hold_shared(use_lock(name)))
     _raise_if_failed(failed_note)
     file_lock = FileLock(str(lock_dir() / f"{server}-{name}.lock"))
     try:
@@ -118,12 +120,13 @@ def _reuse_or_build(
 
 def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> int:
     building = build_name(request.prefix, fp, uuid.uuid4().hex)
-    loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id)))
+    loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
     try:
         target: URL = admin.url.set(database=building)
         request.migrator.migrate(target)
         tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
-        loop.run(admin.finalize_template(building, name, Marker.new(TEMPLATE, fp, request.run_id)))
+        marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix)
+        loop.run(admin.finalize_template(building, name, marker))
     except BaseException:
         loop.run(admin.drop_ours(building))
         raise

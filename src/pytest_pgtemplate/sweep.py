@@ -1,0 +1,116 @@
+"""Garbage collection: drop what dead runs left behind, prune old templates.
+
+Liveness: every process of a run holds a shared advisory lock on ``run:<run id>`` on
+its admin connection, and a shared lock on ``use:<template>`` for the template it
+clones from, for as long as it lives (a killed process's locks vanish with its
+connection).  The sweep drops a marked database only when it can take the owner's
+lock exclusively, i.e. nobody alive holds it, and holds that lock while dropping.
+Databases without our marker are never touched, whatever their name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from .admin import Admin, DatabaseRow, run_lock, use_lock
+from .naming import BUILDING, KEPT, TEMPLATE, WORKER
+
+SWEEP_LOCK = "sweep"
+
+
+@dataclass(slots=True)
+class SweepResult:
+    dropped: list[str] = field(default_factory=list)
+    skipped: bool = False  # another process was sweeping
+
+
+async def sweep(admin: Admin, *, keep_templates: int, include_kept: bool) -> SweepResult:
+    """Drop worker and half-built databases of dead runs (and kept ones if asked), then
+    all but the newest ``keep_templates`` templates per prefix that nobody uses.
+
+    Only one process sweeps at a time: a sweeper that finds another at work skips.
+    """
+    result = SweepResult()
+    if not await admin.unused(SWEEP_LOCK):
+        result.skipped = True
+        return result
+    try:
+        rows = [r for r in await admin.databases() if r.marker is not None]
+        for row in rows:
+            if _is_leftover(row, include_kept) and await _drop_if_unused(
+                admin, row, run_lock(row.marker.run)  # type: ignore[union-attr]
+            ):
+                result.dropped.append(row.name)
+        for row in _surplus_templates(rows, keep_templates):
+            if await _drop_if_unused(admin, row, use_lock(row.name)):
+                result.dropped.append(row.name)
+    finally:
+        await admin.unlock(SWEEP_LOCK)
+    return result
+
+
+def _is_leftover(row: DatabaseRow, include_kept: bool) -> bool:
+    assert row.marker is not None
+    kinds = {WORKER, BUILDING, KEPT} if include_kept else {WORKER, BUILDING}
+    return row.marker.kind in kinds
+
+
+def _surplus_templates(rows: list[DatabaseRow], keep: int) -> list[DatabaseRow]:
+    by_prefix: dict[str, list[DatabaseRow]] = defaultdict(list)
+    for row in rows:
+        if row.marker is not None and row.marker.kind == TEMPLATE:
+            by_prefix[row.marker.prefix].append(row)
+    surplus: list[DatabaseRow] = []
+    for group in by_prefix.values():
+        group.sort(key=lambda r: r.marker.created if r.marker else 0.0, reverse=True)
+        surplus += group[keep:]
+    return surplus
+
+
+async def _drop_if_unused(admin: Admin, row: DatabaseRow, owner_lock: str) -> bool:
+    if not await admin.unused(owner_lock):
+        return False
+    try:
+        return await admin.drop_ours(row.name)
+    except asyncpg.PostgresError:
+        return False  # e.g. dropped meanwhile by someone else: nothing left to do
+    finally:
+        await admin.unlock(owner_lock)
+
+
+async def describe(admin: Admin) -> list[str]:
+    """One line per database of ours: name, kind, fingerprint, owner (alive?), age, size."""
+    lines = []
+    now = time.time()
+    for row in await admin.databases():
+        marker = row.marker
+        if marker is None:
+            continue
+        is_template = marker.kind == TEMPLATE
+        used = await _in_use(admin, use_lock(row.name) if is_template else run_lock(marker.run))
+        state = ("in use" if used else "unused") if is_template else ("alive" if used else "dead")
+        size = "?" if row.size is None else f"{row.size / 1e6:.1f} MB"
+        lines.append(
+            f"{row.name}  {marker.kind}  fingerprint {marker.fingerprint[:12]}  "
+            f"run {marker.run[:8]} ({marker.host} pid {marker.pid}, {state})  "
+            f"age {_age(now - marker.created)}  {size}"
+        )
+    return lines
+
+
+async def _in_use(admin: Admin, lock: str) -> bool:
+    if await admin.unused(lock):
+        await admin.unlock(lock)
+        return False
+    return True
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
