@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from conftest import ISOLATION_SUITE, SERVER_URL, Project, databases_like
 
@@ -193,3 +194,50 @@ def test_old_templates_beyond_the_newest_n_are_pruned(project: Project) -> None:
         project.add_revision(f"{n:04d}", f"{n - 1:04d}", f'op.execute("CREATE TABLE t{n} (id int)")')
         project.run("-p", "no:xdist", "--pgt-keep-templates", "2").assert_outcomes(passed=11)
     assert len([db for db in project.databases() if "_tpl_" in db]) == 2
+
+
+def test_waiting_for_another_runs_build_says_who_and_gives_up_in_time(project: Project) -> None:
+    project.add_revision("0003", "0002", SLOW_MIGRATION.replace("60", "20"))
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    other = copy_project(project, "waiter")
+    with background(project.pytester.path, "-p", "no:xdist") as builder:
+        wait_for(lambda: "0003" in (project.log.read_text() if project.log.exists() else ""),
+                 "the slow migration to start")
+        start = time.monotonic()
+        waiter = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist",
+             "--pgt-timeout", "5"], cwd=other, capture_output=True, text=True, timeout=60,
+        )
+        assert time.monotonic() - start < 15
+        builder.kill()
+    assert "waiting for another process of this machine building template" in waiter.stderr
+    assert "(file lock held by pid" in waiter.stderr
+    assert (
+        "pytest-pgtemplate: gave up after 5 s waiting for another process of this machine building "
+        f"template {project.prefix}_tpl_"
+    ) in waiter.stdout
+    assert "Raise --pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout" in waiter.stdout
+
+
+@pytest.mark.asyncio
+async def test_advisory_lock_wait_names_the_holder_and_is_bounded() -> None:
+    from pytest_pgtemplate.admin import Admin
+    from pytest_pgtemplate.db import parse_url
+    from pytest_pgtemplate.errors import PgTemplateError
+
+    url = parse_url(SERVER_URL, "test")
+    holder, waiter = await Admin.open(url), await Admin.open(url)
+    notes: list[str] = []
+    try:
+        await holder.lock("scratch-lock-test", 1, "nothing")
+        with pytest.raises(PgTemplateError, match=(
+            r"^pytest-pgtemplate: gave up after 3\.5 s waiting for the build of template x "
+            r"\(advisory lock held by pid \d+ \(pytest-pgtemplate, [^)]+\)\)\. Wait for it to finish "
+            r"or stop it, or raise --pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout\.$"
+        )):
+            await waiter.lock("scratch-lock-test", 3.5, "the build of template x", notes.append)
+        assert len(notes) == 1
+        assert notes[0].startswith("waiting for the build of template x (advisory lock held by pid ")
+    finally:
+        await holder.close()
+        await waiter.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -21,6 +22,7 @@ from .naming import Marker, ident, sql
 
 MIN_SERVER_MAJOR = 13
 CLONE_RETRY_SECONDS = 15.0
+NOTIFY_AFTER = 3.0  # seconds of waiting on a lock before saying who holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,24 +181,33 @@ class Admin:
         await self.conn.execute(sql("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
         return True
 
-    async def lock(self, name: str, timeout: float, what: str) -> None:
-        """Take the session advisory lock for ``name``, waiting at most ``timeout`` seconds.
+    async def lock(self, name: str, timeout: float, what: str,
+                   notify: Callable[[str], None] | None = None) -> None:
+        """Take the session advisory lock for ``name``, waiting at most ``timeout`` seconds;
+        after NOTIFY_AFTER seconds of waiting, ``notify`` is told once who holds it.
 
         Advisory locks only conflict within one database; this connection is always
         on the maintenance database, so every run on the server sees the same lock.
         """
         key = lock_key(name)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
         delay = 0.02
+        told = notify is None
         while not await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - start
+            if waited >= timeout:
                 holder = await self.lock_holder(key)
                 raise PgTemplateError(
-                    f"pytest-pgtemplate: gave up after {timeout:.0f} s waiting for {what} "
+                    f"pytest-pgtemplate: gave up after {timeout:g} s waiting for {what} "
                     f"(advisory lock held by {holder}). Wait for it to finish or stop it, or raise "
                     "--pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout.",
                     setting="timeout",
                 )
+            if not told and waited >= NOTIFY_AFTER:
+                told = True
+                assert notify is not None
+                notify(f"waiting for {what} (advisory lock held by {await self.lock_holder(key)}), "
+                       f"at most {timeout:g} s")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 

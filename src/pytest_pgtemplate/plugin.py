@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -32,6 +33,21 @@ from .sweep import describe, sweep
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedServer
+
+# pytest captures fd 2 during tests, and xdist workers' stdout is not the terminal:
+# keep the terminal's stderr, as it was when the plugin loaded, for progress notes.
+try:
+    _TERMINAL_FD: int | None = os.dup(2)
+except OSError:
+    _TERMINAL_FD = None
+
+
+def notify_terminal(message: str) -> None:
+    """A progress note on the terminal, past pytest's capture and xdist's workers."""
+    line = f"pytest-pgtemplate [pid {os.getpid()}]: {message}\n".encode()
+    if _TERMINAL_FD is not None:
+        with contextlib.suppress(OSError):
+            os.write(_TERMINAL_FD, line)
 
 T = TypeVar("T")
 
@@ -91,7 +107,7 @@ class PluginState:
             assert self.server is not None
             url = parse_url(self.server, self.server_source)
             self._runtime = Runtime(self.settings, url, run_id=self.run_id, worker=self.worker,
-                                    clone_strategy=self.clone_strategy)
+                                    clone_strategy=self.clone_strategy, notify=notify_terminal)
         return self._runtime
 
     def call(self, request: pytest.FixtureRequest, func: Callable[[], T]) -> T:

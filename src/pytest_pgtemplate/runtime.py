@@ -8,6 +8,7 @@ Tests of one process run one at a time, so no locking is needed here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
@@ -20,7 +21,7 @@ from .naming import KEPT, WORKER, Marker, worker_name
 from .reset import TruncateReset
 from .settings import Settings
 from .sweep import sweep
-from .template import BuildRequest, Template, ensure
+from .template import BuildRequest, Template, ensure, notify_stderr
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +48,14 @@ class Runtime:
 
     def __init__(
         self, settings: Settings, server_url: URL, *, run_id: str, worker: str,
-        clone_strategy: str | None = None,
+        clone_strategy: str | None = None, notify: Callable[[str], None] = notify_stderr,
     ) -> None:
         self.settings = settings
         self.server_url = server_url
         self.run_id = run_id
         self.worker = worker
         self.clone_strategy = clone_strategy
+        self.notify = notify
         self.timings = Timings()
         self._loop: LoopThread | None = None
         self._admin: Admin | None = None
@@ -95,6 +97,7 @@ class Runtime:
                 run_id=self.run_id,
                 rebuild=self.settings.rebuild,
                 timeout=self.settings.timeout,
+                notify=self.notify,
             )
             self.timings.template = ensure(self.loop, self._admin, request)
             # After the build, so the new template counts among the newest kept.

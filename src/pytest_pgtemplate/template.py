@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import os
+import socket
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.engine import URL
 
 from . import fingerprint, reset
-from .admin import Admin, use_lock
+from .admin import NOTIFY_AFTER, Admin, use_lock
 from .db import LoopThread, connect, where
 from .errors import PgTemplateError
 from .migrate import Migrator
@@ -39,6 +43,11 @@ class Template:
     tracked_tables: int = 0
 
 
+def notify_stderr(message: str) -> None:
+    """Progress for a person watching (the pytest glue passes one that bypasses capture)."""
+    sys.stderr.write(f"pytest-pgtemplate [pid {os.getpid()}]: {message}\n")
+
+
 @dataclass(frozen=True, slots=True)
 class BuildRequest:
     migrator: Migrator
@@ -46,6 +55,7 @@ class BuildRequest:
     run_id: str
     rebuild: bool
     timeout: float
+    notify: Callable[[str], None] = notify_stderr
 
 
 def lock_dir() -> Path:
@@ -66,18 +76,10 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
     loop.run(admin.hold_shared(use_lock(name)))
     _raise_if_failed(failed_note)
     file_lock = FileLock(str(lock_dir() / f"{server}-{name}.lock"))
-    try:
-        file_lock.acquire(timeout=request.timeout)
-    except Timeout as exc:
-        raise PgTemplateError(
-            f"pytest-pgtemplate: gave up after {request.timeout:.0f} s waiting for another "
-            f"process of this machine building template {name} (file lock {file_lock.lock_file}). "
-            "Raise --pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout, or stop that process.",
-            setting="timeout",
-        ) from exc
+    _acquire(file_lock, request, f"another process of this machine building template {name}")
     try:
         _raise_if_failed(failed_note)
-        loop.run(admin.lock(name, request.timeout, f"the build of template {name}"))
+        loop.run(admin.lock(name, request.timeout, f"the build of template {name}", request.notify))
         try:
             built, tracked = _reuse_or_build(loop, admin, request, name, fp)
         except PgTemplateError as exc:
@@ -88,6 +90,29 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
     finally:
         file_lock.release()
     return Template(name, fp, built, time.perf_counter() - start, tracked)
+
+
+def _acquire(file_lock: FileLock, request: BuildRequest, what: str) -> None:
+    """Take the file lock, saying after a few seconds who holds it; bounded by the timeout."""
+    owner = Path(str(file_lock.lock_file) + ".owner")
+    waited = 0.0
+    for limit in (min(NOTIFY_AFTER, request.timeout), request.timeout):
+        try:
+            file_lock.acquire(timeout=max(0.0, limit - waited))
+            owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}, run {request.run_id[:8]}")
+            return
+        except Timeout:
+            waited = limit
+            holder = owner.read_text() if owner.exists() else "an unknown process"
+            if limit < request.timeout:
+                request.notify(f"waiting for {what} (file lock held by {holder}), "
+                               f"at most {request.timeout:g} s")
+    raise PgTemplateError(
+        f"pytest-pgtemplate: gave up after {request.timeout:g} s waiting for {what} (file lock "
+        f"{file_lock.lock_file} held by {holder}). Raise --pgt-timeout / PGTEMPLATE_TIMEOUT / "
+        "pgtemplate_timeout, or stop that process.",
+        setting="timeout",
+    )
 
 
 def _raise_if_failed(note: Path) -> None:
