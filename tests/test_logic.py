@@ -78,7 +78,7 @@ def test_longest_names_fit_and_differ() -> None:
     names = {
         naming.template_name(prefix, fp),
         naming.build_name(prefix, fp, uuid.uuid4().hex),
-        naming.worker_name(prefix, fp, uuid.uuid4().hex, "gw123456789"),
+        naming.worker_name(prefix, uuid.uuid4().hex, "gw123456789"),
     }
     assert len(names) == 3
     assert all(len(n.encode()) <= 63 for n in names)

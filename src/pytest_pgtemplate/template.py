@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL
 
 from . import fingerprint, reset
 from .admin import NOTIFY_AFTER, Admin, use_lock
+from .appenv import temporary_env
 from .db import LoopThread, connect, where
 from .errors import PgTemplateError
 from .migrate import Migrator
@@ -56,6 +57,7 @@ class BuildRequest:
     rebuild: bool
     timeout: float
     notify: Callable[[str], None] = notify_stderr
+    env_var: str | None = None
 
 
 def lock_dir() -> Path:
@@ -148,7 +150,8 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
     loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
     try:
         target: URL = admin.url.set(database=building)
-        request.migrator.migrate(target)
+        with temporary_env(request.env_var, target):
+            request.migrator.migrate(target)
         tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
         marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix)
         loop.run(admin.finalize_template(building, name, marker))

@@ -1,0 +1,199 @@
+"""Choosing the migrator, and the ones that are not Alembic: ``create_all`` from a
+MetaData, a user callable, and a seed step that runs after any of them.
+
+Import paths look like ``pkg.module:attr.sub``.  User callables take one argument, the
+template database's URL (``postgresql+asyncpg`` for ``async def``, ``postgresql+psycopg``
+otherwise), and run in a fresh thread without an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import MetaData, create_mock_engine
+from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import ClauseElement
+
+from .errors import ConfigError, PgTemplateError
+from .migrate import AlembicMigrator, Migrator, find_alembic_ini, run_in_fresh_thread
+from .settings import OPTIONS_BY_NAME, Settings
+
+
+def make_migrator(settings: Settings) -> Migrator:
+    """The migrator the settings ask for: a callable, a MetaData, else Alembic; plus the seed."""
+    migrator: Migrator
+    if settings.migrate is not None:
+        migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate")
+    elif settings.metadata is not None:
+        migrator = MetadataMigrator(settings.metadata, settings.rootdir)
+    else:
+        ini = find_alembic_ini(settings.alembic_ini, settings.source("alembic_ini"), settings.rootdir)
+        migrator = AlembicMigrator(ini, tuple(settings.alembic_x))
+    if settings.seed is not None:
+        migrator = Seeded(migrator, CallableMigrator(settings.seed, settings.rootdir, "seed"))
+    return migrator
+
+
+def load_object(path: str, rootdir: Path, setting: str) -> object:
+    """Import ``pkg.module:attr.sub``; a failure names the setting to fix."""
+    names = OPTIONS_BY_NAME[setting].names()
+    module_name, _, attrs = path.partition(":")
+    if not module_name or not attrs:
+        raise ConfigError(
+            f"pytest-pgtemplate: {path!r} is not an import path like 'pkg.module:attribute'; "
+            f"fix {names}.", setting=setting,
+        )
+    if str(rootdir) not in sys.path:
+        sys.path.insert(0, str(rootdir))  # as `python -m pytest` would from the rootdir
+    try:
+        obj: object = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"pytest-pgtemplate: cannot import module {module_name!r} (from {names}): "
+            f"{type(exc).__name__}: {exc}. Fix the import path, or make the module importable "
+            "(e.g. pythonpath in your pytest configuration).", setting=setting,
+        ) from exc
+    for attr in attrs.split("."):
+        if not hasattr(obj, attr):
+            raise ConfigError(
+                f"pytest-pgtemplate: {module_name!r} has no attribute {attrs!r} (from {names}); "
+                "fix the import path.", setting=setting,
+            )
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _module_source(obj: object) -> bytes:
+    """The bytes of the file defining ``obj``: any change there changes the fingerprint."""
+    try:
+        return Path(inspect.getfile(obj)).read_bytes()  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return repr(obj).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataMigrator:
+    """``MetaData.create_all`` on the template; its DDL is the fingerprint input."""
+
+    path: str
+    rootdir: Path
+    kind: str = "metadata"
+
+    def _metadata(self) -> MetaData:
+        obj = load_object(self.path, self.rootdir, "metadata")
+        if not isinstance(obj, MetaData):
+            raise ConfigError(
+                f"pytest-pgtemplate: {self.path!r} is a {type(obj).__name__}, not a sqlalchemy "
+                f"MetaData (e.g. 'app.models:Base.metadata'); fix "
+                f"{OPTIONS_BY_NAME['metadata'].names()}.", setting="metadata",
+            )
+        return obj
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        statements: list[str] = []
+        dialects: list[Dialect] = []
+
+        def record(sql: ClauseElement, *args: object, **kwargs: object) -> None:
+            statements.append(str(sql.compile(dialect=dialects[0])))
+
+        engine = create_mock_engine(URL.create("postgresql+asyncpg"), record)
+        dialects.append(engine.dialect)
+        self._metadata().create_all(engine, checkfirst=False)
+        return [("metadata-ddl", "\n".join(statements).encode()), ("migrator", self.kind.encode())]
+
+    def describe(self) -> str:
+        return f"{self.path}.create_all()"
+
+    def migrate(self, url: URL) -> None:
+        metadata = self._metadata()
+
+        async def create() -> None:
+            engine = create_async_engine(url.set(drivername="postgresql+asyncpg"), poolclass=NullPool)
+            try:
+                async with engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+            finally:
+                await engine.dispose()
+
+        _run_user_code(lambda: asyncio.run(create()), f"create_all of {self.path}")
+
+
+@dataclass(frozen=True, slots=True)
+class CallableMigrator:
+    """A user function ``func(url)``, sync or async (``pgtemplate_migrate`` / ``pgtemplate_seed``)."""
+
+    path: str
+    rootdir: Path
+    setting: str
+    kind: str = "callable"
+
+    def _func(self) -> Callable[[URL], object]:
+        func = load_object(self.path, self.rootdir, self.setting)
+        if not callable(func):
+            raise ConfigError(
+                f"pytest-pgtemplate: {self.path!r} is not callable; fix "
+                f"{OPTIONS_BY_NAME[self.setting].names()}.", setting=self.setting,
+            )
+        return func
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return [(f"{self.setting}:{self.path}", _module_source(self._func())),
+                ("migrator", f"{self.kind}:{self.setting}".encode())]
+
+    def describe(self) -> str:
+        return f"{self.path}(url)"
+
+    def migrate(self, url: URL) -> None:
+        func = self._func()
+        if inspect.iscoroutinefunction(func):
+            target = url.set(drivername="postgresql+asyncpg")
+            _run_user_code(lambda: asyncio.run(func(target)), self.path)
+        else:
+            target = url.set(drivername="postgresql+psycopg")
+            _run_user_code(lambda: func(target), self.path)
+
+
+def _discard(value: object) -> None:
+    del value
+
+
+def _run_user_code(call: Callable[[], object], what: str) -> None:
+    try:
+        run_in_fresh_thread(lambda: _discard(call()))
+    except PgTemplateError:
+        raise
+    except Exception as exc:
+        raise PgTemplateError(
+            f"pytest-pgtemplate: {what} failed while building the template: "
+            f"{type(exc).__name__}: {exc}. The template was not published; fix it and run again."
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Seeded:
+    """A migrator followed by a seed step; both feed the fingerprint."""
+
+    base: Migrator
+    seed: CallableMigrator
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return self.base.inputs() + self.seed.inputs()
+
+    def describe(self) -> str:
+        return f"{self.base.describe()}, then seed {self.seed.describe()}"
+
+    def migrate(self, url: URL) -> None:
+        self.base.migrate(url)
+        self.seed.migrate(url)
