@@ -151,7 +151,8 @@ def test_marker_overrides_reset_for_one_test_and_is_validated(project: Project) 
     result = project.run("-p", "no:xdist")
     result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines([
-        "*pytest-pgtemplate: @pytest.mark.pgtemplate(reset='sometimes'): expected one of truncate, none*"
+        "*pytest-pgtemplate: @pytest.mark.pgtemplate(reset='sometimes'): expected one of truncate, "
+        "rollback, clone, none*"
     ])
 
 

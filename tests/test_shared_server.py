@@ -231,11 +231,11 @@ async def test_advisory_lock_wait_names_the_holder_and_is_bounded() -> None:
     try:
         await holder.lock("scratch-lock-test", 1, "nothing")
         with pytest.raises(PgTemplateError, match=(
-            r"^pytest-pgtemplate: gave up after 3\.5 s waiting for the build of template x "
+            r"^pytest-pgtemplate: gave up after 6 s waiting for the build of template x "
             r"\(advisory lock held by pid \d+ \(pytest-pgtemplate, [^)]+\)\)\. Wait for it to finish "
             r"or stop it, or raise --pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout\.$"
         )):
-            await waiter.lock("scratch-lock-test", 3.5, "the build of template x", notes.append)
+            await waiter.lock("scratch-lock-test", 6, "the build of template x", notes.append)
         assert len(notes) == 1
         assert notes[0].startswith("waiting for the build of template x (advisory lock held by pid ")
     finally:

@@ -29,6 +29,10 @@ class PgTemplateError(Exception):
         self.setting = setting
 
 
+class PgTemplateWarning(UserWarning):
+    """Something the plugin handled but the user should know (e.g. a test's DDL)."""
+
+
 class ConfigError(PgTemplateError):
     """Bad configuration: reported as a pytest usage error, before any test runs."""
 

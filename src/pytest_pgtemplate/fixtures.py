@@ -21,6 +21,7 @@ import pytest_asyncio
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -39,14 +40,14 @@ class Engines:
     """The process's engines for the current worker database (see module docstring)."""
 
     def __init__(self) -> None:
-        self.generation = -1
+        self.key: tuple[str, int] | None = None
         self._async: AsyncEngine | None = None
         self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._keep_warm = False
         self._sync: Engine | None = None
 
-    def sync_for(self, db: WorkerDatabase, generation: int) -> Engine:
-        self._check(generation)
+    def sync_for(self, db: WorkerDatabase, key: tuple[str, int]) -> Engine:
+        self._check(key)
         if self._sync is None:
             try:
                 import psycopg  # noqa: F401
@@ -58,9 +59,9 @@ class Engines:
             self._sync = create_engine(db.sync_url)
         return self._sync
 
-    def acquire(self, db: WorkerDatabase, generation: int) -> AsyncEngine:
+    def acquire(self, db: WorkerDatabase, key: tuple[str, int]) -> AsyncEngine:
         """The engine for a test about to run on the current loop."""
-        self._check(generation)
+        self._check(key)
         loop = asyncio.get_running_loop()
         previous = self._last_loop() if self._last_loop is not None else None
         if self._async is None:
@@ -78,11 +79,12 @@ class Engines:
         if self._async is not None and not self._keep_warm:
             await self._async.dispose()
 
-    def _check(self, generation: int) -> None:
-        # The worker database was re-created: connections to the old one are gone.
-        if generation != self.generation:
+    def _check(self, key: tuple[str, int]) -> None:
+        # Another database (a clone), or the worker database was re-created: the
+        # connections we pool lead to the old one.
+        if key != self.key:
             self.close()
-            self.generation = generation
+            self.key = key
 
     def close(self) -> None:
         """Forget every engine without awaiting: the loop may be closed already, and the
@@ -100,6 +102,10 @@ def _state(request: pytest.FixtureRequest) -> PluginState:
     return request.config.stash[STATE_KEY]
 
 
+def _key(request: pytest.FixtureRequest, db: WorkerDatabase) -> tuple[str, int]:
+    return db.name, _state(request).runtime(request.config).generation
+
+
 def _reset_strategy(request: pytest.FixtureRequest, default: str) -> str:
     marker = request.node.get_closest_marker("pgtemplate")
     if marker is None:
@@ -110,14 +116,19 @@ def _reset_strategy(request: pytest.FixtureRequest, default: str) -> str:
 
 
 @pytest.fixture
-def _pgt_database(request: pytest.FixtureRequest) -> Iterator[WorkerDatabase]:
-    """The worker database for one test; reset after it (the strategy: marker, else --pgt-reset)."""
+def _pgt_strategy(request: pytest.FixtureRequest) -> str:
+    """This test's reset strategy: its marker's, else --pgt-reset."""
+    return _reset_strategy(request, _state(request).settings.reset)
+
+
+@pytest.fixture
+def _pgt_database(request: pytest.FixtureRequest, _pgt_strategy: str) -> Iterator[WorkerDatabase]:
+    """The database for one test, reset (or dropped, for a clone) after it."""
     state = _state(request)
     runtime: Runtime = state.runtime(request.config)
-    strategy = _reset_strategy(request, state.settings.reset)
-    db = state.call(request, runtime.database)
+    db = state.call(request, lambda: runtime.begin_test(_pgt_strategy))
     yield db
-    state.call(request, lambda: runtime.reset(strategy))
+    state.call(request, lambda: runtime.end_test(_pgt_strategy, db))
 
 
 @pytest.fixture(autouse=True)
@@ -147,14 +158,36 @@ async def pg_engine(
     """AsyncEngine bound to this worker's database (do not dispose it)."""
     state = _state(request)
     engines = state.engines
-    yield engines.acquire(_pgt_database, state.runtime(request.config).generation)
+    yield engines.acquire(_pgt_database, _key(request, _pgt_database))
     await engines.release()
 
 
+@pytest_asyncio.fixture
+async def _pgt_async_bind(
+    pg_engine: AsyncEngine, _pgt_strategy: str
+) -> AsyncIterator[AsyncEngine | AsyncConnection]:
+    """What sessions bind to: the engine, or (``rollback``) one connection inside an outer
+    transaction that is rolled back after the test."""
+    if _pgt_strategy != "rollback":
+        yield pg_engine
+        return
+    async with pg_engine.connect() as conn:
+        outer = await conn.begin()
+        yield conn
+        if outer.is_active:
+            await outer.rollback()
+
+
 @pytest.fixture
-def pg_sessionmaker(pg_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """async_sessionmaker bound to pg_engine (expire_on_commit=False)."""
-    return async_sessionmaker(pg_engine, expire_on_commit=False)
+def pg_sessionmaker(
+    _pgt_async_bind: AsyncEngine | AsyncConnection,
+) -> async_sessionmaker[AsyncSession]:
+    """async_sessionmaker bound to this test's database (expire_on_commit=False).  Under
+    ``rollback`` its sessions share the test's outer transaction: commit() releases a
+    savepoint, and everything is rolled back after the test."""
+    return async_sessionmaker(
+        _pgt_async_bind, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
 
 
 @pytest_asyncio.fixture
@@ -170,14 +203,22 @@ async def pg_session(
 def pg_sync_engine(request: pytest.FixtureRequest, _pgt_database: WorkerDatabase) -> Engine:
     """Engine (psycopg 3) bound to this worker's database (do not dispose it)."""
     state = _state(request)
-    runtime = state.runtime(request.config)
-    return state.call(
-        request, lambda: state.engines.sync_for(_pgt_database, runtime.generation)
-    )
+    key = _key(request, _pgt_database)
+    return state.call(request, lambda: state.engines.sync_for(_pgt_database, key))
 
 
 @pytest.fixture
-def pg_sync_session(pg_sync_engine: Engine) -> Iterator[Session]:
-    """A Session for one test; it may commit.  Closed (rolled back) after the test."""
-    with Session(pg_sync_engine, expire_on_commit=False) as session:
-        yield session
+def pg_sync_session(pg_sync_engine: Engine, _pgt_strategy: str) -> Iterator[Session]:
+    """A Session for one test; it may commit.  Closed (rolled back) after the test; under
+    ``rollback`` it runs inside an outer transaction rolled back after the test."""
+    if _pgt_strategy != "rollback":
+        with Session(pg_sync_engine, expire_on_commit=False) as session:
+            yield session
+        return
+    with pg_sync_engine.connect() as conn:
+        outer = conn.begin()
+        with Session(bind=conn, expire_on_commit=False,
+                     join_transaction_mode="create_savepoint") as session:
+            yield session
+        if outer.is_active:
+            outer.rollback()

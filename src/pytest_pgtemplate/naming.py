@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 TEMPLATE = "template"
 BUILDING = "building"
 WORKER = "worker"
+CLONE = "clone"  # a per-test clone (reset="clone")
 KEPT = "kept"  # a worker database kept by --pgt-keep: the automatic sweep spares it
 
 
@@ -57,6 +58,11 @@ def worker_name(prefix: str, run_id: str, worker: str) -> str:
     the URL before test modules are imported."""
     safe_worker = "".join(c for c in worker.lower() if c.isalnum())[:8] or "main"
     return _checked(f"{prefix}_w_{run_id[:12]}_{safe_worker}")
+
+
+def clone_name(prefix: str, run_id: str, worker: str, n: int) -> str:
+    safe_worker = "".join(c for c in worker.lower() if c.isalnum())[:8] or "main"
+    return _checked(f"{prefix}_c_{run_id[:12]}_{safe_worker}_{n}")
 
 
 def _checked(name: str) -> str:

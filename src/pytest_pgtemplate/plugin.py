@@ -19,7 +19,9 @@ from .errors import ConfigError, PgTemplateError
 from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module's namespace)
     Engines,
     _pgt_app_database,
+    _pgt_async_bind,
     _pgt_database,
+    _pgt_strategy,
     pg_engine,
     pg_session,
     pg_sessionmaker,
@@ -273,13 +275,14 @@ def marker_reset(marker: pytest.Mark) -> str:
     try:
         reset = signature(*marker.args, **marker.kwargs)
     except TypeError as exc:
-        raise pytest.UsageError(
-            f"pytest-pgtemplate: bad marker {marker}: {exc}; use @pytest.mark.pgtemplate(reset=...)"
-        ) from None
+        pytest.fail(
+            f"pytest-pgtemplate: bad marker {marker}: {exc}; use @pytest.mark.pgtemplate(reset=...)",
+            pytrace=False,
+        )
     if reset not in RESET_STRATEGIES:
-        raise pytest.UsageError(
+        pytest.fail(
             f"pytest-pgtemplate: @pytest.mark.pgtemplate(reset={reset!r}): expected one of "
-            + ", ".join(RESET_STRATEGIES)
+            + ", ".join(RESET_STRATEGIES), pytrace=False,
         )
     return reset
 

@@ -14,7 +14,7 @@ class Summary:
 
     templates: list[dict[str, Any]] = field(default_factory=list)
     clone_seconds: list[float] = field(default_factory=list)
-    reset_seconds: list[float] = field(default_factory=list)
+    reset_seconds: dict[str, list[float]] = field(default_factory=dict)
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
@@ -23,8 +23,10 @@ class Summary:
         self.merge(payload)
 
     def merge(self, other: dict[str, Any]) -> None:
-        for key in ("templates", "clone_seconds", "reset_seconds", "databases", "kept", "swept"):
+        for key in ("templates", "clone_seconds", "databases", "kept", "swept"):
             getattr(self, key).extend(other.get(key, []))
+        for strategy, seconds in other.get("reset_seconds", {}).items():
+            self.reset_seconds.setdefault(strategy, []).extend(seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +42,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
             "worker": runtime.worker,
         }],
         "clone_seconds": list(runtime.timings.clone_seconds),
-        "reset_seconds": runtime.reset_stats(),
+        "reset_seconds": {k: list(v) for k, v in runtime.reset_seconds.items()},
         "databases": [] if runtime.current_name is None else [runtime.current_name],
         "swept": list(runtime.timings.swept),
     }
@@ -67,10 +69,10 @@ def format_summary(summary: Summary) -> list[str]:
             f"worker databases: {len(summary.clone_seconds)} cloned, "
             f"{sum(summary.clone_seconds) / len(summary.clone_seconds) * 1000:.0f} ms each on average"
         )
-    if summary.reset_seconds:
-        r = summary.reset_seconds
+    for strategy, r in sorted(summary.reset_seconds.items()):
+        what = "clone waits" if strategy == "clone" else f"resets ({strategy})"
         lines.append(
-            f"resets: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
+            f"{what}: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
             f"p95 {percentile(r, 0.95) * 1000:.1f} ms, max {max(r) * 1000:.1f} ms"
         )
     if summary.swept:

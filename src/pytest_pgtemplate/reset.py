@@ -36,6 +36,7 @@ CREATE UNLOGGED TABLE _pgtemplate.dirty (relid oid PRIMARY KEY);
 CREATE TABLE _pgtemplate.tracked (
     relid oid PRIMARY KEY, relkind "char" NOT NULL, level integer NOT NULL DEFAULT 0,
     snapshot name, cols text);
+CREATE UNLOGGED TABLE _pgtemplate.ddl (tag text NOT NULL, object text);
 CREATE TABLE _pgtemplate.seqs (
     seqrelid oid PRIMARY KEY, last_value bigint NOT NULL, is_called boolean NOT NULL, snap bigint);
 
@@ -98,6 +99,7 @@ DECLARE
     tg name;
 BEGIN
     PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
+    PERFORM set_config('pgtemplate.resetting', 'on', true);  -- our own DDL is not the test's
     -- A session the test left inside a transaction would hold locks (and its rows
     -- are uncommitted anyway): terminate it rather than wait on it.
     SELECT count(pg_terminate_backend(pid)) INTO n_term FROM pg_stat_activity
@@ -147,8 +149,30 @@ BEGIN
         PERFORM setval(r.seqrelid, r.last_value, r.is_called);
         n_seq := n_seq + 1;
     END LOOP;
-    RETURN ARRAY[cardinality(dirty), n_seq, n_term];
+    RETURN ARRAY[cardinality(dirty), n_seq, n_term, (SELECT count(*) FROM _pgtemplate.ddl)::integer];
 END $fn$;
+"""
+
+
+# Event triggers (superuser only) note schema changes a test makes: a truncate reset
+# cannot undo those, so the worker database is then re-created from the template.
+DDL_SQL = """
+CREATE FUNCTION _pgtemplate.note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF current_setting('pgtemplate.resetting', true) = 'on' THEN RETURN; END IF;
+    INSERT INTO _pgtemplate.ddl
+    SELECT c.command_tag, c.object_identity FROM pg_event_trigger_ddl_commands() c
+    WHERE coalesce(c.schema_name, '') NOT LIKE 'pg\\_temp%' AND NOT c.in_extension;
+END $fn$;
+CREATE FUNCTION _pgtemplate.note_drop() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF current_setting('pgtemplate.resetting', true) = 'on' THEN RETURN; END IF;
+    INSERT INTO _pgtemplate.ddl
+    SELECT 'DROP ' || o.object_type, o.object_identity FROM pg_event_trigger_dropped_objects() o
+    WHERE o.original AND NOT o.is_temporary;
+END $fn$;
+CREATE EVENT TRIGGER _pgtemplate_ddl ON ddl_command_end EXECUTE FUNCTION _pgtemplate.note_ddl();
+CREATE EVENT TRIGGER _pgtemplate_drop ON sql_drop EXECUTE FUNCTION _pgtemplate.note_drop();
 """
 
 
@@ -156,6 +180,7 @@ async def install(conn: asyncpg.Connection) -> int:
     """Install reset tracking into a freshly migrated database; returns the tracked tables."""
     async with conn.transaction():
         await conn.execute(INSTALL_SQL)
+        await _install_ddl_detection(conn)
         edges = await conn.fetch(
             "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' "
             "AND conrelid <> confrelid AND conrelid IN (SELECT relid FROM _pgtemplate.tracked)"
@@ -165,6 +190,15 @@ async def install(conn: asyncpg.Connection) -> int:
             "UPDATE _pgtemplate.tracked SET level = $2 WHERE relid = $1", list(levels.items())
         )
         return int(await conn.fetchval("SELECT count(*) FROM _pgtemplate.tracked"))
+
+
+async def _install_ddl_detection(conn: asyncpg.Connection) -> None:
+    try:
+        async with conn.transaction():  # a savepoint: its failure leaves the rest installed
+            await conn.execute(DDL_SQL)
+    except asyncpg.PostgresError as exc:
+        if errors.sqlstate(exc) != errors.INSUFFICIENT_PRIVILEGE:
+            raise
 
 
 def fk_levels(edges: list[tuple[int, int]]) -> dict[int, int]:
@@ -220,14 +254,16 @@ class TruncateReset:
                 return False
             raise
 
-    async def reset(self) -> None:
-        """Restore the template's state; a blocked or failed reset raises PgTemplateError
-        naming the cause (the caller then re-creates the worker database)."""
+    async def reset(self) -> str | None:
+        """Restore the template's state.  Returns None, or a description of the schema
+        changes (DDL) the test made, which no truncate can undo: the caller then re-creates
+        the worker database.  A blocked or failed reset raises PgTemplateError naming the
+        cause (the caller re-creates the database then too)."""
         start = time.perf_counter()
         if self.replica is None:
             self.replica = await self._can_use_replica()
         try:
-            tables, sequences, terminated = await self.conn.fetchval(
+            tables, sequences, terminated, ddl = await self.conn.fetchval(
                 "SELECT _pgtemplate.reset($1, $2)", self.replica, self.timeout_ms
             )
         except asyncpg.PostgresError as exc:
@@ -236,6 +272,12 @@ class TruncateReset:
         self.stats.tables += tables
         self.stats.sequences += sequences
         self.stats.terminated += terminated
+        if ddl:
+            changes = await self.conn.fetchval(
+                "SELECT string_agg(DISTINCT tag || coalesce(' ' || object, ''), ', ') FROM _pgtemplate.ddl"
+            )
+            return str(changes)
+        return None
 
     async def _failure(self, exc: asyncpg.PostgresError) -> PgTemplateError:
         if errors.sqlstate(exc) == errors.LOCK_NOT_AVAILABLE:

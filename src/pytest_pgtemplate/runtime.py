@@ -8,14 +8,16 @@ Tests of one process run one at a time, so no locking is needed here.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
 
 from .admin import Admin, run_lock
+from .clones import ClonePool
 from .db import LoopThread, connect, with_driver
-from .errors import PgTemplateError
+from .errors import PgTemplateError, PgTemplateWarning
 from .migrators import make_migrator
 from .naming import KEPT, WORKER, Marker, worker_name
 from .reset import TruncateReset
@@ -57,6 +59,8 @@ class Runtime:
         self._db: WorkerDatabase | None = None
         self._resetter: TruncateReset | None = None
         self._failure: PgTemplateError | None = None
+        self._pool: ClonePool | None = None
+        self.reset_seconds: dict[str, list[float]] = {}  # per strategy; clone: the wait
         self.generation = 0  # bumped when the worker database is re-created
 
     @property
@@ -113,22 +117,62 @@ class Runtime:
         self.timings.clone_seconds.append(time.perf_counter() - start)
         conn = self.loop.run(connect(self.server_url, name))
         self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
+        return self._named(name)
+
+    def _named(self, name: str) -> WorkerDatabase:
         return WorkerDatabase(
             name,
             with_driver(self.server_url, "asyncpg", name),
             with_driver(self.server_url, "psycopg", name),
         )
 
-    def reset(self, strategy: str) -> None:
+    def begin_test(self, strategy: str) -> WorkerDatabase:
+        """The database one test uses: the worker database, or (``clone``) a fresh clone."""
+        db = self.database()
+        if strategy != "clone":
+            return db
+        if self._pool is None:
+            template = self.timings.template
+            assert template is not None
+            self._pool = ClonePool(
+                self.loop, self.server_url, template=template.name, fingerprint=template.fingerprint,
+                prefix=self.settings.prefix, run_id=self.run_id, worker=self.worker,
+                strategy=self.clone_strategy,
+            )
+        start = time.perf_counter()
+        name = self._pool.take()
+        self.reset_seconds.setdefault("clone", []).append(time.perf_counter() - start)
+        return self._named(name)
+
+    def end_test(self, strategy: str, db: WorkerDatabase) -> None:
+        """After one test: drop its clone in the background, or reset the worker database."""
+        if strategy == "clone":
+            assert self._pool is not None
+            self._pool.release(db.name)
+        elif strategy != "none":
+            start = time.perf_counter()
+            self.reset()
+            self.reset_seconds.setdefault(strategy, []).append(time.perf_counter() - start)
+
+    def reset(self) -> None:
         """Restore the worker database after a test.  If that fails, the database is
         re-created from the template (so later tests start clean) and the error raised."""
-        if strategy == "none" or self._db is None or self._resetter is None:
+        if self._db is None or self._resetter is None:
             return
         try:
-            self.loop.run(self._resetter.reset())
+            ddl = self.loop.run(self._resetter.reset())
         except PgTemplateError:
             self._recreate()
             raise
+        if ddl is not None:
+            start = time.perf_counter()
+            self._recreate()
+            warnings.warn(PgTemplateWarning(
+                f"pytest-pgtemplate: the test changed the schema ({ddl}); a truncate reset cannot undo "
+                f"that, so the worker database was re-created from the template "
+                f"({(time.perf_counter() - start) * 1000:.0f} ms). Give such tests "
+                "@pytest.mark.pgtemplate(reset=\"clone\") to say so."
+            ), stacklevel=1)
 
     def planned_database(self) -> URL:
         """The worker database's URL before it exists (its name does not depend on the server)."""
@@ -138,8 +182,6 @@ class Runtime:
     def current_name(self) -> str | None:
         return None if self._db is None else self._db.name
 
-    def reset_stats(self) -> list[float]:
-        return [] if self._resetter is None else list(self._resetter.stats.seconds)
 
     def _recreate(self) -> None:
         assert self.timings.template is not None
@@ -154,6 +196,8 @@ class Runtime:
         """Drop the worker database (unless --pgt-keep; then return it) and disconnect."""
         kept: WorkerDatabase | None = None
         try:
+            if self._pool is not None:
+                self._pool.close()
             if self._resetter is not None:
                 self.loop.run(self._resetter.conn.close())
             if self._admin is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-RESET_STRATEGIES = ("truncate", "none")
+RESET_STRATEGIES = ("truncate", "rollback", "clone", "none")
 
 
 @dataclass(frozen=True, slots=True)

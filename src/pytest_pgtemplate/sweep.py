@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from .admin import Admin, DatabaseRow, run_lock, use_lock
-from .naming import BUILDING, KEPT, TEMPLATE, WORKER
+from .naming import BUILDING, CLONE, KEPT, TEMPLATE, WORKER
 
 SWEEP_LOCK = "sweep"
 
@@ -55,7 +55,7 @@ async def sweep(admin: Admin, *, keep_templates: int, include_kept: bool) -> Swe
 
 def _is_leftover(row: DatabaseRow, include_kept: bool) -> bool:
     assert row.marker is not None
-    kinds = {WORKER, BUILDING, KEPT} if include_kept else {WORKER, BUILDING}
+    kinds = {WORKER, BUILDING, CLONE, KEPT} if include_kept else {WORKER, BUILDING, CLONE}
     return row.marker.kind in kinds
 
 

@@ -104,6 +104,9 @@ def test_sync_and_async_urls_name_the_same_database(
     assert pg_sync_url.drivername == "postgresql+psycopg"
 
 
+# Two sessions on two connections must see each other's commits: that needs real commits,
+# so this test keeps the truncate reset even when the run uses --pgt-reset rollback.
+@pytest.mark.pgtemplate(reset="truncate")
 async def test_a_sync_commit_is_visible_to_the_async_session(
     pg_sync_session: Session, pg_session: AsyncSession
 ) -> None:

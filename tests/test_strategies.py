@@ -1,0 +1,88 @@
+"""Each reset strategy isolates tests: rows, sequences, template rows, commits, leaks, DDL."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Project
+
+SUITE = '''
+import pytest
+from sqlalchemy import create_engine, text
+
+REFERENCE = "de:Germany,fr:France,it:Italy"
+LEAKS = []
+
+
+async def clean(session):
+    row = (await session.execute(text(
+        "select (select count(*) from customer), (select count(*) from orders), "
+        "(select string_agg(code || ':' || name, ',' order by code) from country), "
+        "(select count(*) from information_schema.tables where table_name = 'extra'), "
+        "(select count(*) from information_schema.columns where column_name = 'nickname')"))).one()
+    assert tuple(row) == (0, 0, REFERENCE, 0, 0)
+
+
+@pytest.mark.parametrize("i", range(3))
+async def test_commits_rows_sequences_and_template_rows(pg_session, i):
+    await clean(pg_session)
+    cid = (await pg_session.execute(text(
+        "insert into customer (name, country) values ('a', 'fr') returning id"))).scalar()
+    assert cid == 1
+    await pg_session.execute(text("delete from country where code = 'it'"))
+    await pg_session.commit()
+    await pg_session.execute(text("insert into orders (customer_id) values (1)"))
+    await pg_session.commit()
+
+
+@pytest.mark.parametrize("i", range(2))
+async def test_sessionmaker_sessions_see_each_other(pg_sessionmaker, i):
+    async with pg_sessionmaker() as one:
+        await clean(one)
+        await one.execute(text("insert into customer (name) values ('shared')"))
+        await one.commit()
+    async with pg_sessionmaker() as two:
+        assert (await two.execute(text("select count(*) from customer"))).scalar() == 1
+
+
+@pytest.mark.parametrize("i", range(2))
+def test_leaks_an_open_transaction(pg_sync_url, i):
+    conn = create_engine(pg_sync_url).connect()
+    conn.execute(text("insert into customer (name) values ('leaked')"))
+    LEAKS.append(conn)
+
+
+@pytest.mark.parametrize("i", range(2))
+async def test_writes_through_the_engine_directly(pg_engine, i):
+    async with pg_engine.begin() as conn:
+        assert (await conn.execute(text("select count(*) from customer"))).scalar() == 0
+        await conn.execute(text("insert into customer (name) values ('direct')"))
+
+
+@pytest.mark.parametrize("i", range(2))
+async def test_changes_the_schema(pg_session, i):
+    await clean(pg_session)
+    await pg_session.execute(text("create table extra (id int)"))
+    await pg_session.execute(text("alter table customer add column nickname text"))
+    await pg_session.commit()
+
+
+async def test_finally_clean(pg_session):
+    await clean(pg_session)
+'''
+
+
+@pytest.mark.parametrize("strategy", ["truncate", "rollback", "clone"])
+@pytest.mark.parametrize("xdist", [["-p", "no:xdist"], ["-n", "2"]], ids=["single", "n2"])
+def test_every_strategy_isolates_tests(project: Project, strategy: str, xdist: list[str]) -> None:
+    project.pytester.makepyfile(test_inner=SUITE)
+    result = project.run(*xdist, "--pgt-reset", strategy)
+    result.assert_outcomes(passed=12)
+    ddl_warning = "*the test changed the schema (*CREATE TABLE*extra*); a truncate reset cannot undo that*"
+    if strategy == "truncate":
+        result.stdout.fnmatch_lines([ddl_warning])
+    else:
+        result.stdout.no_fnmatch_line(ddl_warning)
+    label = "clone waits" if strategy == "clone" else f"resets ({strategy})"
+    result.stdout.fnmatch_lines([f"{label}: *, p50 * ms, p95 * ms, max * ms"])
+    assert [db for db in project.databases() if "_c_" in db or "_w_" in db] == []
