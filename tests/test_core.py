@@ -154,3 +154,15 @@ def test_b(pg_sync_session):
     assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 1
 ''')
     project.run("-p", "no:xdist", "--pgt-reset", "none").assert_outcomes(passed=2)
+
+
+def test_a_long_build_shows_progress_once_and_waiters_say_what_they_wait_for(project: Project) -> None:
+    project.add_revision("0003", "0002", "import time\ntime.sleep(6.5)")
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = project.run("-n", "2")
+    result.assert_outcomes(passed=11)
+    progress = [line for line in result.errlines if "s elapsed" in line]
+    assert len(progress) == 1, result.errlines
+    assert "with alembic upgrade heads (" in progress[0]
+    assert "s elapsed, revision 3/3 (0002 -> 0003" in progress[0]
+    result.stderr.fnmatch_lines(["pytest-pgtemplate [[]pid *[]]: waiting for *building template *"])

@@ -31,6 +31,35 @@ from .fingerprint import tree_inputs
 ALEMBIC_SETTING = "--pgt-alembic-ini / PGTEMPLATE_ALEMBIC_INI / pgtemplate_alembic_ini"
 
 
+@dataclass(slots=True)
+class Progress:
+    """Where a running migration is, for a person watching a long build."""
+
+    step: str = ""
+    done: int = 0
+    total: int | None = None
+
+    def describe(self) -> str:
+        if not self.done:
+            return ""
+        of = f"/{self.total}" if self.total else ""
+        return f", revision {self.done}{of} ({self.step})"
+
+
+class _ProgressHandler(logging.Handler):
+    """Alembic logs "Running upgrade a -> b, message" for every revision it applies."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Running upgrade"):
+            self.progress.done += 1
+            self.progress.step = message.removeprefix("Running upgrade ").strip()
+
+
 class Migrator(Protocol):
     """Gives an empty database its schema; ``inputs()`` feed the fingerprint."""
 
@@ -39,7 +68,7 @@ class Migrator(Protocol):
 
     def inputs(self) -> list[tuple[str, bytes]]: ...
 
-    def migrate(self, url: URL) -> None: ...
+    def migrate(self, url: URL, progress: Progress | None = None) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -133,16 +162,18 @@ class AlembicMigrator:
     def describe(self) -> str:
         return f"alembic upgrade heads ({self.ini})"
 
-    def migrate(self, url: URL) -> None:
+    def migrate(self, url: URL, progress: Progress | None = None) -> None:
         cfg = self._config()
         script_dir = self.script_dir()
+        progress = progress or Progress()
+        progress.total = sum(1 for _ in ScriptDirectory.from_config(cfg).walk_revisions())
         env_py = (script_dir / "env.py").read_text(errors="replace")
         wants_connection = "attributes" in env_py
         target = _driver_url(cfg, url)
         cfg.set_main_option("sqlalchemy.url", target.render_as_string(False).replace("%", "%%"))
 
         def upgrade() -> None:
-            with _preserved_logging(), _cwd(self.ini.parent):
+            with _preserved_logging(), _cwd(self.ini.parent), _watching(progress):
                 if wants_connection:
                     asyncio.run(_upgrade_with_connection(cfg, url))
                 else:
@@ -211,6 +242,19 @@ def _revision_id(path: Path) -> str:
         if line.replace(" ", "").startswith(("revision=", "revision:str=")):
             return line.split("=", 1)[1].strip().strip("'\"")
     return path.stem
+
+
+@contextmanager
+def _watching(progress: Progress) -> Iterator[None]:
+    logger = logging.getLogger("alembic.runtime.migration")
+    handler = _ProgressHandler(progress)
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # env.py's fileConfig may still raise it; then no steps
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 @contextmanager

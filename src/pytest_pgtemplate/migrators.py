@@ -23,7 +23,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ClauseElement
 
 from .errors import ConfigError, PgTemplateError
-from .migrate import AlembicMigrator, Migrator, find_alembic_ini, run_in_fresh_thread
+from .migrate import AlembicMigrator, Migrator, Progress, find_alembic_ini, run_in_fresh_thread
 from .settings import OPTIONS_BY_NAME, Settings
 
 
@@ -112,7 +112,7 @@ class MetadataMigrator:
     def describe(self) -> str:
         return f"{self.path}.create_all()"
 
-    def migrate(self, url: URL) -> None:
+    def migrate(self, url: URL, progress: Progress | None = None) -> None:
         metadata = self._metadata()
 
         async def create() -> None:
@@ -151,7 +151,7 @@ class CallableMigrator:
     def describe(self) -> str:
         return f"{self.path}(url)"
 
-    def migrate(self, url: URL) -> None:
+    def migrate(self, url: URL, progress: Progress | None = None) -> None:
         func = self._func()
         if inspect.iscoroutinefunction(func):
             target = url.set(drivername="postgresql+asyncpg")
@@ -194,6 +194,6 @@ class Seeded:
     def describe(self) -> str:
         return f"{self.base.describe()}, then seed {self.seed.describe()}"
 
-    def migrate(self, url: URL) -> None:
-        self.base.migrate(url)
+    def migrate(self, url: URL, progress: Progress | None = None) -> None:
+        self.base.migrate(url, progress)
         self.seed.migrate(url)

@@ -17,9 +17,11 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from .admin import NOTIFY_AFTER, Admin, use_lock
 from .appenv import temporary_env
 from .db import LoopThread, connect, where
 from .errors import PgTemplateError
-from .migrate import Migrator
+from .migrate import Migrator, Progress
 from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
 
 
@@ -150,8 +152,9 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
     loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
     try:
         target: URL = admin.url.set(database=building)
-        with temporary_env(request.env_var, target):
-            request.migrator.migrate(target)
+        progress = Progress()
+        with temporary_env(request.env_var, target), _ticking(request, name, progress):
+            request.migrator.migrate(target, progress)
         tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
         marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix)
         loop.run(admin.finalize_template(building, name, marker))
@@ -159,6 +162,29 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
         loop.run(admin.drop_ours(building))
         raise
     return tracked
+
+
+PROGRESS_EVERY = 5.0  # seconds between progress notes of a long build
+
+
+@contextmanager
+def _ticking(request: BuildRequest, name: str, progress: Progress) -> Iterator[None]:
+    """While a build runs: every few seconds, one note of how far it is (builder only)."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(PROGRESS_EVERY):
+            request.notify(f"building template {name} with {request.migrator.describe()}: "
+                           f"{time.monotonic() - start:.0f} s elapsed{progress.describe()}")
+
+    thread = threading.Thread(target=tick, name="pytest-pgtemplate-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 async def _install_tracking(url: URL, database: str, migrator: Migrator) -> int:
