@@ -16,6 +16,12 @@ def test_isolation_suite_passes_and_migrates_once(project: Project, xdist: list[
     project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
     result = project.run(*xdist)
     result.assert_outcomes(passed=11)
+    result.stdout.fnmatch_lines([
+        "template *_tpl_*: built in * s (by *)",
+        "worker databases: * cloned, * ms each on average",
+        "resets (truncate): 10, p50 * ms, p95 * ms, max * ms",
+        "database overhead: * s (template * s, clones * s, resets * s) = *% of * process(es) x * s",
+    ])
     assert project.migrations_run() == 1
     expected_workers = 2 if xdist[0] == "-n" else 1
     assert len(seen_databases(project)) == expected_workers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -83,6 +84,7 @@ class PluginState:
             self.server_source = "embedded server of the xdist controller"
             self.clone_strategy = "file_copy"
         self.engines = Engines()
+        self.started = time.perf_counter()
         self.app_integration = False  # every test gets the database (see pgtemplate_env)
         self._runtime: Runtime | None = None
         self.summary = Summary()
@@ -359,7 +361,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     state = config.stash.get(STATE_KEY, None)
     if state is None or getattr(config, "workerinput", None) is not None:
         return
-    lines = format_summary(state.summary)
+    lines = format_summary(state.summary, time.perf_counter() - state.started)
     if lines and state.server_description:
         lines.insert(0, f"server: {state.server_description}")
     if lines:

@@ -18,6 +18,7 @@ class Summary:
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    processes: int = 0
 
     def add(self, payload: dict[str, Any]) -> None:
         self.merge(payload)
@@ -25,6 +26,7 @@ class Summary:
     def merge(self, other: dict[str, Any]) -> None:
         for key in ("templates", "clone_seconds", "databases", "kept", "swept"):
             getattr(self, key).extend(other.get(key, []))
+        self.processes += int(other.get("processes", 0))
         for strategy, seconds in other.get("reset_seconds", {}).items():
             self.reset_seconds.setdefault(strategy, []).extend(seconds)
 
@@ -45,6 +47,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
         "reset_seconds": {k: list(v) for k, v in runtime.reset_seconds.items()},
         "databases": [] if runtime.current_name is None else [runtime.current_name],
         "swept": list(runtime.timings.swept),
+        "processes": 1,
     }
 
 
@@ -54,7 +57,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def format_summary(summary: Summary) -> list[str]:
+def overhead(summary: Summary, wall: float) -> str | None:
+    """Database work (template, clones, resets) as a share of the processes' wall time."""
+    if not summary.processes or wall <= 0:
+        return None
+    template = sum(t["seconds"] for t in summary.templates)
+    clones = sum(summary.clone_seconds)
+    resets = sum(sum(v) for v in summary.reset_seconds.values())
+    total = template + clones + resets
+    share = total / (wall * summary.processes) * 100
+    return (f"database overhead: {total:.2f} s (template {template:.2f} s, clones {clones:.2f} s, "
+            f"resets {resets:.2f} s) = {share:.0f}% of {summary.processes} process(es) x {wall:.1f} s")
+
+
+def format_summary(summary: Summary, wall: float = 0.0) -> list[str]:
     lines: list[str] = []
     built = [t for t in summary.templates if t["built"]]
     if summary.templates:
@@ -75,6 +91,8 @@ def format_summary(summary: Summary) -> list[str]:
             f"{what}: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
             f"p95 {percentile(r, 0.95) * 1000:.1f} ms, max {max(r) * 1000:.1f} ms"
         )
+    if (line := overhead(summary, wall)) is not None:
+        lines.append(line)
     if summary.swept:
         lines.append(f"swept {len(summary.swept)} leftover database(s) of dead runs or old templates: "
                      + ", ".join(sorted(summary.swept)))
