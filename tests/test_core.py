@@ -172,3 +172,25 @@ def test_a_long_build_shows_progress_once_and_waiters_say_what_they_wait_for(pro
     assert "with alembic upgrade heads (" in progress[0]
     assert "s elapsed, revision 3/3 (0002 -> 0003" in progress[0]
     result.stderr.fnmatch_lines(["pytest-pgtemplate [[]pid *[]]: waiting for *building template *"])
+
+
+def test_role_without_createdb_gets_a_clear_error(project: Project) -> None:
+    import psycopg
+
+    from conftest import SERVER_URL
+
+    role = f"scratch_{project.prefix}_nocreatedb"
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB").format(psycopg.sql.Identifier(role)))
+    try:
+        project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
+        result = project.run("-p", "no:xdist", "--pgt-url", f"postgresql://{role}@127.0.0.1:5432/postgres")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines([
+            f"*pytest-pgtemplate: cannot create database '{project.prefix}_bld_*' on {role}@127.0.0.1:5432/"
+            f"postgres: role '{role}' lacks CREATEDB. Run ALTER ROLE ... CREATEDB, or set --pgt-url / "
+            "PGTEMPLATE_URL / pgtemplate_url to a role that has it.*"
+        ])
+    finally:
+        with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
