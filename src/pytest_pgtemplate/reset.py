@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib.resources import files
 
 import asyncpg
 
@@ -29,151 +30,10 @@ from .errors import PgTemplateError
 
 SCHEMA = "_pgtemplate"
 
-INSTALL_SQL = """
-CREATE SCHEMA _pgtemplate;
-COMMENT ON SCHEMA _pgtemplate IS 'pytest-pgtemplate reset tracking (test databases only)';
-CREATE UNLOGGED TABLE _pgtemplate.dirty (relid oid PRIMARY KEY);
-CREATE TABLE _pgtemplate.tracked (
-    relid oid PRIMARY KEY, relkind "char" NOT NULL, level integer NOT NULL DEFAULT 0,
-    snapshot name, cols text);
-CREATE UNLOGGED TABLE _pgtemplate.ddl (tag text NOT NULL, object text);
-CREATE TABLE _pgtemplate.seqs (
-    seqrelid oid PRIMARY KEY, last_value bigint NOT NULL, is_called boolean NOT NULL, snap bigint);
-
-CREATE FUNCTION _pgtemplate.mark_dirty() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    INSERT INTO _pgtemplate.dirty VALUES (TG_RELID) ON CONFLICT DO NOTHING;
-    RETURN NULL;
-END $fn$;
-
-INSERT INTO _pgtemplate.tracked (relid, relkind)
-SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_pgtemplate')
-  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
-  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                  AND d.objid = c.oid AND d.deptype = 'e');
-
-DO $do$
-DECLARE r record; has_rows boolean; columns text;
-BEGIN
-    FOR r IN SELECT relid, relkind FROM _pgtemplate.tracked LOOP
-        EXECUTE format('CREATE TRIGGER _pgtemplate_dirty AFTER INSERT OR UPDATE OR DELETE OR '
-                       'TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION _pgtemplate.mark_dirty()',
-                       r.relid::regclass);
-        EXECUTE format('SELECT EXISTS (SELECT FROM %s %s)',
-                       CASE WHEN r.relkind = 'p' THEN '' ELSE 'ONLY' END, r.relid::regclass)
-            INTO has_rows;
-        CONTINUE WHEN NOT has_rows;
-        SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO columns
-        FROM pg_attribute WHERE attrelid = r.relid AND attnum > 0 AND NOT attisdropped
-          AND attgenerated = '';
-        EXECUTE format('CREATE TABLE _pgtemplate.%I AS SELECT %s FROM %s %s', 's' || r.relid,
-                       columns, CASE WHEN r.relkind = 'p' THEN '' ELSE 'ONLY' END,
-                       r.relid::regclass);
-        UPDATE _pgtemplate.tracked SET snapshot = 's' || r.relid, cols = columns
-        WHERE relid = r.relid;
-    END LOOP;
-END $do$;
-
-DO $do$
-DECLARE r record; lv bigint; called boolean;
-BEGIN
-    FOR r IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'S'
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_pgtemplate') LOOP
-        EXECUTE format('SELECT last_value, is_called FROM %s', r.oid::regclass) INTO lv, called;
-        INSERT INTO _pgtemplate.seqs VALUES (r.oid, lv, called, CASE WHEN called THEN lv END);
-    END LOOP;
-END $do$;
-
-CREATE FUNCTION _pgtemplate.reset(replica boolean, wait_ms integer) RETURNS integer[]
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    dirty oid[];
-    targets oid[];
-    r record;
-    n_seq integer := 0;
-    n_term integer;
-    user_triggers name[];
-    tg name;
-BEGIN
-    PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
-    PERFORM set_config('pgtemplate.resetting', 'on', true);  -- our own DDL is not the test's
-    -- A session the test left inside a transaction would hold locks (and its rows
-    -- are uncommitted anyway): terminate it rather than wait on it.
-    SELECT count(pg_terminate_backend(pid)) INTO n_term FROM pg_stat_activity
-    WHERE datname = current_database() AND pid <> pg_backend_pid()
-      AND backend_type = 'client backend'
-      AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)');
-    SELECT coalesce(array_agg(relid), '{}') INTO dirty FROM _pgtemplate.dirty;
-    IF cardinality(dirty) > 0 THEN
-        IF replica THEN
-            -- Triggers (ours included) and FK checks off: each table on its own.
-            PERFORM set_config('session_replication_role', 'replica', true);
-            targets := dirty;
-            FOR r IN SELECT relid, relkind FROM _pgtemplate.tracked WHERE relid = ANY (dirty) LOOP
-                EXECUTE format('DELETE FROM %s %s',
-                               CASE WHEN r.relkind = 'p' THEN '' ELSE 'ONLY' END, r.relid::regclass);
-            END LOOP;
-        ELSE
-            -- FK checks on: every table referencing an emptied one must go too.
-            WITH RECURSIVE closure(relid) AS (
-                SELECT unnest(dirty)
-                UNION
-                SELECT c.conrelid FROM pg_constraint c JOIN closure ON c.confrelid = closure.relid
-                WHERE c.contype = 'f')
-            SELECT array_agg(relid) INTO targets FROM closure;
-            EXECUTE 'TRUNCATE ' || (SELECT string_agg(t::regclass::text, ', ') FROM unnest(targets) t);
-        END IF;
-        FOR r IN SELECT relid, snapshot, cols FROM _pgtemplate.tracked
-                 WHERE relid = ANY (targets) AND snapshot IS NOT NULL ORDER BY level LOOP
-            -- Without replica mode, the table's own triggers would fire on re-insertion
-            -- (e.g. an audit trigger writing elsewhere): switch them off meanwhile.
-            user_triggers := CASE WHEN replica THEN '{}' ELSE ARRAY(
-                SELECT tgname FROM pg_trigger WHERE tgrelid = r.relid AND NOT tgisinternal
-                AND tgenabled = 'O' AND tgname <> '_pgtemplate_dirty') END;
-            FOREACH tg IN ARRAY user_triggers LOOP
-                EXECUTE format('ALTER TABLE %s DISABLE TRIGGER %I', r.relid::regclass, tg);
-            END LOOP;
-            EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM _pgtemplate.%I',
-                           r.relid::regclass, r.cols, r.cols, r.snapshot);
-            FOREACH tg IN ARRAY user_triggers LOOP
-                EXECUTE format('ALTER TABLE %s ENABLE TRIGGER %I', r.relid::regclass, tg);
-            END LOOP;
-        END LOOP;
-        DELETE FROM _pgtemplate.dirty;
-    END IF;
-    FOR r IN SELECT seqrelid, last_value, is_called FROM _pgtemplate.seqs
-             WHERE pg_sequence_last_value(seqrelid) IS DISTINCT FROM snap LOOP
-        PERFORM setval(r.seqrelid, r.last_value, r.is_called);
-        n_seq := n_seq + 1;
-    END LOOP;
-    RETURN ARRAY[cardinality(dirty), n_seq, n_term, (SELECT count(*) FROM _pgtemplate.ddl)::integer];
-END $fn$;
-"""
-
-
+INSTALL_SQL = (files(__package__) / "sql" / "install.sql").read_text()
 # Event triggers (superuser only) note schema changes a test makes: a truncate reset
 # cannot undo those, so the worker database is then re-created from the template.
-DDL_SQL = """
-CREATE FUNCTION _pgtemplate.note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF current_setting('pgtemplate.resetting', true) = 'on' THEN RETURN; END IF;
-    INSERT INTO _pgtemplate.ddl
-    SELECT c.command_tag, c.object_identity FROM pg_event_trigger_ddl_commands() c
-    WHERE coalesce(c.schema_name, '') NOT LIKE 'pg\\_temp%' AND NOT c.in_extension;
-END $fn$;
-CREATE FUNCTION _pgtemplate.note_drop() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF current_setting('pgtemplate.resetting', true) = 'on' THEN RETURN; END IF;
-    INSERT INTO _pgtemplate.ddl
-    SELECT 'DROP ' || o.object_type, o.object_identity FROM pg_event_trigger_dropped_objects() o
-    WHERE o.original AND NOT o.is_temporary;
-END $fn$;
-CREATE EVENT TRIGGER _pgtemplate_ddl ON ddl_command_end EXECUTE FUNCTION _pgtemplate.note_ddl();
-CREATE EVENT TRIGGER _pgtemplate_drop ON sql_drop EXECUTE FUNCTION _pgtemplate.note_drop();
-"""
+DDL_SQL = (files(__package__) / "sql" / "ddl.sql").read_text()
 
 
 async def install(conn: asyncpg.Connection) -> int:
