@@ -154,3 +154,55 @@ def test_runs_as_a_normal_user(project: Project, embedded_dir: Path) -> None:
     finally:
         shutil.rmtree(shared, ignore_errors=True)
         shutil.rmtree(env["PGTEMPLATE_EMBEDDED_DIR"], ignore_errors=True)
+
+
+def test_xdist_without_any_migrator_starts_no_server(project: Project, embedded_dir: Path) -> None:
+    (project.pytester.path / "alembic.ini").unlink()
+    project.pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
+    project.run("-n", "2").assert_outcomes(passed=1)
+    assert not embedded_dir.exists()
+
+
+LOSES_SERVER = '''
+import os, time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_uses_db(pg_sync_session, i):
+    Path(os.environ["PGT_STARTED"]).touch()
+    time.sleep(1.5)
+'''
+
+
+def test_losing_the_server_mid_run_is_one_clear_error_not_a_crash(
+    project: Project, tmp_path: Path
+) -> None:
+    from pytest_pgtemplate.embedded import start
+
+    server = start(None, "test", cache_root=shared_dir() / f"pgt-test-{uuid.uuid4().hex[:8]}")
+    started = tmp_path / "started"
+    project.pytester.makepyfile(test_lose=LOSES_SERVER)
+    env = {**os.environ, "PGT_STARTED": str(started), "PGTEMPLATE_URL": server.url}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider"],
+            cwd=project.pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        server.stop()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        server.stop()
+        shutil.rmtree(server.data_dir.parent.parent, ignore_errors=True)
+    assert "INTERNALERROR" not in out
+    assert "lost the connection to" in out, out
+    assert "is the server still running?" in out
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out  # the session stops at once
+    assert out.count("lost the connection to") == 1, out

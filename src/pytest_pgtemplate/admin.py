@@ -57,16 +57,18 @@ def lock_key(name: str) -> int:
 class Admin:
     """The admin connection: DDL on databases and advisory locks, nothing else."""
 
-    def __init__(self, url: URL, conn: asyncpg.Connection, major: int) -> None:
+    def __init__(self, url: URL, conn: asyncpg.Connection, major: int, role: str) -> None:
         self.url = url
         self.conn = conn
         self.major = major
+        self.role = role
         self._held: set[str] = set()  # shared locks this session holds
 
     @classmethod
     async def open(cls, url: URL) -> Admin:
         conn = await connect(url)
         major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+        role = str(await conn.fetchval("SELECT current_user"))
         if major < MIN_SERVER_MAJOR:
             await conn.close()
             raise PgTemplateError(
@@ -75,7 +77,7 @@ class Admin:
                 "(FORCE)). Point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a newer server.",
                 setting="url",
             )
-        return cls(url, conn, major)
+        return cls(url, conn, major, role)
 
     async def close(self) -> None:
         await self.conn.close()

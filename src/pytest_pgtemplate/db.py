@@ -10,6 +10,8 @@ user's loop scopes, and lets sync pytest hooks and fixtures call us.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -23,7 +25,23 @@ from .errors import PgTemplateError
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5.0
-APPLICATION_NAME = "pytest-pgtemplate"
+# Every statement of ours is bounded: a server that stops answering cannot hang a run.
+COMMAND_TIMEOUT = 300.0
+APPLICATION_NAME = f"pytest-pgtemplate {socket.gethostname()[:20]} pid {os.getpid()}"
+
+
+def lost(url: URL, exc: BaseException) -> PgTemplateError:
+    """The message for a connection that died or stopped answering mid-run."""
+    return PgTemplateError(
+        f"pytest-pgtemplate: lost the connection to PostgreSQL at {where(url)} "
+        f"({type(exc).__name__}: {exc}); is the server still running? Check it, or "
+        "--pgt-url / PGTEMPLATE_URL / pgtemplate_url.",
+        setting="url",
+    )
+
+
+CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError, OSError,
+                   asyncio.TimeoutError)
 
 
 class LoopThread:
@@ -37,7 +55,12 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()  # e.g. Ctrl-C: stop the work instead of leaving it pending
+            raise
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -88,6 +111,7 @@ async def connect(url: URL, database: str | None = None) -> asyncpg.Connection:
         return await asyncpg.connect(
             dsn,
             timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
             server_settings={"application_name": APPLICATION_NAME},
         )
     except (OSError, asyncio.TimeoutError) as exc:

@@ -17,11 +17,12 @@ SKIP_DIRS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cac
 SKIP_SUFFIXES = frozenset({".pyc", ".pyo"})
 
 
-def compute(inputs: Iterable[tuple[str, bytes]], *, server_major: int) -> str:
-    """Hex digest over the inputs (order-independent), the server's major version and
-    the plugin's template format version."""
+def compute(inputs: Iterable[tuple[str, bytes]], *, server_major: int, role: str = "") -> str:
+    """Hex digest over the inputs (order-independent), the server's major version, the
+    role that owns what gets built (another role could not use it), and the plugin's
+    template format version."""
     h = hashlib.sha256()
-    h.update(f"format={FORMAT_VERSION}\0server={server_major}\0".encode())
+    h.update(f"format={FORMAT_VERSION}\0server={server_major}\0role={role}\0".encode())
     for label, data in sorted(inputs):
         h.update(len(label).to_bytes(8, "big") + label.encode())
         h.update(len(data).to_bytes(8, "big") + data)

@@ -123,7 +123,7 @@ class PluginState:
         try:
             return func()
         except PgTemplateError as exc:
-            if self._runtime is None or self._runtime.timings.template is None:
+            if self._runtime is None or self._runtime.timings.template is None or exc.setting == "url":
                 # No database could be set up: later tests would fail the same way.
                 request.session.shouldstop = "pytest-pgtemplate could not set up the database"
             if request.config.option.tbstyle == "long":
@@ -140,10 +140,13 @@ class PluginState:
             return []
         runtime = self._runtime
         self.summary.add(worker_payload(runtime))
-        kept = runtime.close()
+        kept, problems = runtime.close()
+        for problem in problems:
+            notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "
+                            f"{problem} (the next run's sweep drops what is left)")
         if kept is None:
             return []
-        return [kept.url.render_as_string(hide_password=True)]
+        return [kept.url.set(drivername="postgresql").render_as_string(hide_password=True)]
 
 
 def _run_once(coro: Coroutine[Any, Any, T]) -> T:
@@ -152,6 +155,12 @@ def _run_once(coro: Coroutine[Any, Any, T]) -> T:
         return loop.run(coro)
     finally:
         loop.close()
+
+
+def has_migrator(settings: Settings) -> bool:
+    return any((settings.metadata, settings.migrate, settings.alembic_ini, settings.env)) or (
+        settings.rootdir / "alembic.ini"
+    ).is_file()
 
 
 def _opt_str(value: object) -> str | None:
@@ -340,8 +349,13 @@ class XdistHooks:
         self.state = state
 
     def pytest_configure_node(self, node: WorkerNode) -> None:
-        """Controller: start the embedded server before the first worker, pass its URL."""
-        self.state.start_embedded()
+        """Controller: start the embedded server before the first worker, pass its URL.
+
+        The controller cannot see which tests need a database; it starts the server only
+        for a project that has a way to build one (a worker would start its own otherwise).
+        """
+        if has_migrator(self.state.settings):
+            self.state.start_embedded()
         for key, value in (
             ("pgtemplate_url", self.state.server if self.state.embedded else None),
             ("pgtemplate_error", self.state.embedded_error),

@@ -26,6 +26,7 @@ from importlib.resources import files
 import asyncpg
 
 from . import errors
+from .db import CONNECTION_LOST
 from .errors import PgTemplateError
 
 SCHEMA = "_pgtemplate"
@@ -120,14 +121,21 @@ class TruncateReset:
         the worker database.  A blocked or failed reset raises PgTemplateError naming the
         cause (the caller re-creates the database then too)."""
         start = time.perf_counter()
-        if self.replica is None:
-            self.replica = await self._can_use_replica()
         try:
+            if self.replica is None:
+                self.replica = await self._can_use_replica()
             tables, sequences, terminated, ddl = await self.conn.fetchval(
-                "SELECT _pgtemplate.reset($1, $2)", self.replica, self.timeout_ms
+                "SELECT _pgtemplate.reset($1, $2)", self.replica, self.timeout_ms,
+                timeout=max(30.0, self.timeout_ms / 1000 * 6),
             )
         except asyncpg.PostgresError as exc:
             raise await self._failure(exc) from exc
+        except CONNECTION_LOST as exc:
+            raise PgTemplateError(
+                f"pytest-pgtemplate: lost the connection to {self.database} during its reset "
+                f"({type(exc).__name__}: {exc}); is the server still running? Check it, or "
+                "--pgt-url / PGTEMPLATE_URL / pgtemplate_url.", setting="url",
+            ) from exc
         self.stats.seconds.append(time.perf_counter() - start)
         self.stats.tables += tables
         self.stats.sequences += sequences

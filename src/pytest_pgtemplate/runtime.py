@@ -12,11 +12,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 from sqlalchemy.engine import URL
 
 from .admin import Admin, run_lock
 from .clones import ClonePool
-from .db import LoopThread, connect, with_driver
+from .db import CONNECTION_LOST, LoopThread, connect, lost, with_driver
 from .errors import PgTemplateError, PgTemplateWarning
 from .migrators import make_migrator
 from .naming import KEPT, WORKER, Marker, worker_name
@@ -60,6 +61,7 @@ class Runtime:
         self._resetter: TruncateReset | None = None
         self._failure: PgTemplateError | None = None
         self._pool: ClonePool | None = None
+        self._reset_failures = 0
         self.reset_seconds: dict[str, list[float]] = {}  # per strategy; clone: the wait
         self.generation = 0  # bumped when the worker database is re-created
 
@@ -161,9 +163,10 @@ class Runtime:
             return
         try:
             ddl = self.loop.run(self._resetter.reset())
-        except PgTemplateError:
-            self._recreate()
+        except PgTemplateError as exc:
+            self._recover(exc)
             raise
+        self._reset_failures = 0
         if ddl is not None:
             start = time.perf_counter()
             self._recreate()
@@ -183,6 +186,18 @@ class Runtime:
         return None if self._db is None else self._db.name
 
 
+    def _recover(self, exc: PgTemplateError) -> None:
+        """After a failed reset: a fresh worker database, unless that fails too or resets keep
+        failing; then every later test of this process gets the error at once."""
+        self._reset_failures += 1
+        if self._reset_failures >= 2 or exc.setting == "url":
+            self._failure = exc
+            return
+        try:
+            self._recreate()
+        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST) as again:
+            self._failure = again if isinstance(again, PgTemplateError) else lost(self.server_url, again)
+
     def _recreate(self) -> None:
         assert self.timings.template is not None
         old = self._resetter
@@ -192,25 +207,38 @@ class Runtime:
         self.generation += 1
         self._db = self._clone(self.timings.template)
 
-    def close(self) -> WorkerDatabase | None:
-        """Drop the worker database (unless --pgt-keep; then return it) and disconnect."""
+    def close(self) -> tuple[WorkerDatabase | None, list[str]]:
+        """Drop the worker database (unless --pgt-keep; then return it) and disconnect.
+
+        Best effort: with the server gone, each step that fails is reported as a
+        problem (returned), none stops the others or pytest's own summary.
+        """
         kept: WorkerDatabase | None = None
-        try:
-            if self._pool is not None:
-                self._pool.close()
-            if self._resetter is not None:
-                self.loop.run(self._resetter.conn.close())
-            if self._admin is not None:
-                if self._db is not None and self.settings.keep:
-                    kept = self._db
-                    assert self.timings.template is not None
-                    marker = Marker.new(KEPT, self.timings.template.fingerprint, self.run_id,
-                                        self.settings.prefix)
-                    self.loop.run(self._admin.mark(kept.name, marker))
-                elif self._db is not None:
-                    self.loop.run(self._admin.drop_ours(self._db.name))
-                self.loop.run(self._admin.close())
-        finally:
-            if self._loop is not None:
-                self._loop.close()
-        return kept
+        problems: list[str] = []
+
+        def attempt(step: Callable[[], object]) -> None:
+            try:
+                step()
+            except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST) as exc:
+                problems.append(f"{type(exc).__name__}: {exc}")
+
+        if self._pool is not None:
+            attempt(self._pool.close)
+        if self._resetter is not None:
+            resetter = self._resetter
+            attempt(lambda: self.loop.run(resetter.conn.close(timeout=5)))
+        if self._admin is not None:
+            admin, db = self._admin, self._db
+            if db is not None and self.settings.keep:
+                kept = db
+                attempt(lambda: self.loop.run(admin.mark(db.name, self._kept_marker())))
+            elif db is not None:
+                attempt(lambda: self.loop.run(admin.drop_ours(db.name)))
+            attempt(lambda: self.loop.run(admin.conn.close(timeout=5)))
+        if self._loop is not None:
+            self._loop.close()
+        return kept, problems
+
+    def _kept_marker(self) -> Marker:
+        assert self.timings.template is not None
+        return Marker.new(KEPT, self.timings.template.fingerprint, self.run_id, self.settings.prefix)

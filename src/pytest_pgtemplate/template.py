@@ -11,6 +11,7 @@ A failed build is recorded for the run, so other workers report it without retry
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import os
@@ -69,10 +70,19 @@ def lock_dir() -> Path:
     return path
 
 
+def prune_notes(directory: Path, max_age: float = 86400.0) -> None:
+    """Failure notes only matter during their run: drop those older than a day."""
+    cutoff = time.time() - max_age
+    for note in directory.glob("*.failed"):
+        with contextlib.suppress(OSError):
+            if note.stat().st_mtime < cutoff:
+                note.unlink()
+
+
 def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
     """Return the template for the migrator's fingerprint, building it if needed."""
     start = time.perf_counter()
-    fp = fingerprint.compute(request.migrator.inputs(), server_major=admin.major)
+    fp = fingerprint.compute(request.migrator.inputs(), server_major=admin.major, role=admin.role)
     name = template_name(request.prefix, fp)
     server = hashlib.sha1(where(admin.url).encode(), usedforsecurity=False).hexdigest()[:12]
     failed_note = lock_dir() / f"{server}-{name}-{request.run_id}.failed"
@@ -122,7 +132,7 @@ def _acquire(file_lock: FileLock, request: BuildRequest, what: str) -> None:
 def _raise_if_failed(note: Path) -> None:
     if note.exists():
         raise PgTemplateError(
-            note.read_text() + " (reported once, by the process of this run that tried first)"
+            note.read_text() + " (the same failure as in the process of this run that tried first)"
         )
 
 
@@ -143,7 +153,9 @@ def _reuse_or_build(
         rebuilt_by_us = marker.run == request.run_id
         if complete and (rebuilt_by_us or not request.rebuild):
             return False, 0
-        loop.run(admin.drop_ours(name))  # unfinished, or --pgt-rebuild
+        if not complete:
+            loop.run(admin.drop_ours(name))  # unfinished: never usable
+    # A --pgt-rebuild replaces the old template only once the new one is complete.
     return True, _build(loop, admin, request, name, fp)
 
 
@@ -157,6 +169,7 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
             request.migrator.migrate(target, progress)
         tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
         marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix)
+        loop.run(admin.drop_ours(name))  # the template being rebuilt, if any
         loop.run(admin.finalize_template(building, name, marker))
     except BaseException:
         loop.run(admin.drop_ours(building))
