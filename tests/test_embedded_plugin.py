@@ -206,3 +206,37 @@ def test_losing_the_server_mid_run_is_one_clear_error_not_a_crash(
     assert "is the server still running?" in out
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out  # the session stops at once
     assert out.count("lost the connection to") == 1, out
+
+
+def test_wrong_password_names_the_user_and_the_setting(project: Project) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from pytest_pgtemplate.embedded import start
+
+    server = start(None, "test", cache_root=shared_dir() / f"pgt-test-{uuid.uuid4().hex[:8]}")
+    try:
+        hba = server.data_dir / "pg_hba.conf"
+        hba.write_text("host all pwuser 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+
+        async def prepare() -> None:
+            conn = await asyncpg.connect(server.url)
+            await conn.execute("CREATE ROLE pwuser LOGIN CREATEDB PASSWORD 'right-pw'")
+            await conn.execute("SELECT pg_reload_conf()")
+            await conn.close()
+
+        asyncio.run(prepare())
+        project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
+        result = project.run("-p", "no:xdist", "--pgt-url",
+                             f"postgresql://pwuser:s3cr3t-pw@127.0.0.1:{server.port}/postgres")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines([
+            f"*pytest-pgtemplate: cannot connect to pwuser@127.0.0.1:{server.port}/postgres: "
+            "authentication failed for user 'pwuser'; fix the user/password in --pgt-url / "
+            "PGTEMPLATE_URL / pgtemplate_url.*"
+        ])
+        assert "s3cr3t" not in result.stdout.str()  # the password is never printed
+    finally:
+        server.stop()
+        shutil.rmtree(server.data_dir.parent.parent, ignore_errors=True)
