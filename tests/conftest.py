@@ -59,7 +59,7 @@ def upgrade():
 
 
 def downgrade():
-    pass
+{down_body}
 '''
 
 BASE_REVISIONS = [
@@ -80,9 +80,11 @@ BASE_REVISIONS = [
 ]
 
 
-def render_revision(rev: str, down: str | None, body: str) -> str:
-    return REVISION.format(rev=rev, down=down, body=textwrap.indent(
-        textwrap.dedent(body).strip("\n"), "    "))
+def render_revision(rev: str, down: str | None, body: str, down_body: str = "pass") -> str:
+    def block(code: str) -> str:
+        return textwrap.indent(textwrap.dedent(code).strip("\n"), "    ")
+
+    return REVISION.format(rev=rev, down=down, body=block(body), down_body=block(down_body))
 
 
 # Each test starts by asserting the template's exact state, then dirties every kind
@@ -159,9 +161,9 @@ class Project:
             return 0
         return self.log.read_text().count("0001")
 
-    def add_revision(self, rev: str, down: str | None, body: str) -> None:
+    def add_revision(self, rev: str, down: str | None, body: str, down_body: str = "pass") -> None:
         path = self.pytester.path / "migrations" / "versions" / f"{rev}_rev.py"
-        path.write_text(render_revision(rev, down, body))
+        path.write_text(render_revision(rev, down, body, down_body))
 
     def run(self, *args: str) -> pytest.RunResult:
         return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ISOLATION_SUITE, Project
+from conftest import BASE_REVISIONS, ISOLATION_SUITE, Project
 
 MODELS = '''
 from pathlib import Path
@@ -255,3 +255,44 @@ def test_x_arguments_reach_env_py(project: Project) -> None:
         "{'tenant': 'acme', 'mode': 'test'}"))
     project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
     project.run("-p", "no:xdist", "--pgt-alembic-x", "tenant=acme, mode=test").assert_outcomes(passed=11)
+
+
+def test_check_downgrade_catches_a_broken_downgrade_once_per_fingerprint(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.add_revision("0001", None, BASE_REVISIONS[0][1], """
+        op.execute("DROP TABLE orders")
+        op.execute("DROP TYPE status")
+        op.execute("DROP TABLE customer")""")
+    project.add_revision("0002", "0001", BASE_REVISIONS[1][1], """
+        op.execute("DROP SCHEMA billing CASCADE")
+        op.execute("ALTER TABLE customer DROP COLUMN country")
+        op.execute("DROP TABLE country")""")
+    # 0003's downgrade leaves a column behind that no upgrade creates.
+    project.add_revision("0003", "0002", 'op.execute("CREATE TABLE IF NOT EXISTS note (id int)")',
+                         'op.execute("ALTER TABLE note ADD COLUMN leftover int")')
+    result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: --pgt-check-downgrade: after downgrade base and upgrade heads the schema "
+        "differs from a plain upgrade (- only before, + only after):",
+        "  + column public.note.leftover integer",
+        "Fix the downgrade() of the revisions that create or change these objects.*",
+    ])
+    assert project.databases() == []  # neither the scratch database nor a template is left
+    # A downgrade that raises is named by revision.
+    path = project.pytester.path / "migrations" / "versions" / "0003_rev.py"
+    path.write_text(path.read_text().replace(
+        'op.execute("ALTER TABLE note ADD COLUMN leftover int")', "raise ValueError('cannot go back')"))
+    result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: --pgt-check-downgrade: pytest-pgtemplate: migration failed in revision 0003 "
+        "(migrations/versions/0003_rev.py): ValueError: cannot go back*",
+    ])
+    # Fixed: the check passes, and is not repeated while the fingerprint holds.
+    path.write_text(path.read_text().replace(
+        "raise ValueError('cannot go back')", 'op.execute("DROP TABLE note")'))
+    before = project.log.read_text().count("0003")
+    project.run("-p", "no:xdist", "--pgt-check-downgrade").assert_outcomes(passed=11)
+    assert project.log.read_text().count("0003") == before + 3  # check: up, up again; then template
+    project.run("-p", "no:xdist", "--pgt-check-downgrade").assert_outcomes(passed=11)
+    assert project.log.read_text().count("0003") == before + 3

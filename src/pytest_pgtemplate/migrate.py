@@ -116,6 +116,7 @@ class AlembicMigrator:
 
     ini: Path
     x_arguments: tuple[str, ...] = ()
+    check_downgrade: bool = False
     kind: str = "alembic"
 
     def _config(self) -> Config:
@@ -157,44 +158,52 @@ class AlembicMigrator:
         found.append(("alembic-options", repr(options).encode()))
         found.append(("migrator", self.kind.encode()))
         found.append(("alembic-x", repr(self.x_arguments).encode()))
+        if self.check_downgrade:  # a template built without the check must not count
+            found.append(("check-downgrade", b"1"))
         return found
 
     def describe(self) -> str:
         return f"alembic upgrade heads ({self.ini})"
 
     def migrate(self, url: URL, progress: Progress | None = None) -> None:
+        self._run(url, lambda cfg: command.upgrade(cfg, "heads"), progress or Progress())
+
+    def downgrade_all(self, url: URL) -> None:
+        """``alembic downgrade base`` (for --pgt-check-downgrade)."""
+        self._run(url, lambda cfg: command.downgrade(cfg, "base"), Progress())
+
+    def _run(self, url: URL, action: Callable[[Config], None], progress: Progress) -> None:
         cfg = self._config()
         script_dir = self.script_dir()
-        progress = progress or Progress()
         progress.total = sum(1 for _ in ScriptDirectory.from_config(cfg).walk_revisions())
         env_py = (script_dir / "env.py").read_text(errors="replace")
         wants_connection = "attributes" in env_py
         target = _driver_url(cfg, url)
         cfg.set_main_option("sqlalchemy.url", target.render_as_string(False).replace("%", "%%"))
 
-        def upgrade() -> None:
+        def body() -> None:
             with _preserved_logging(), _cwd(self.ini.parent), _watching(progress):
                 if wants_connection:
-                    asyncio.run(_upgrade_with_connection(cfg, url))
+                    asyncio.run(_with_connection(cfg, url, action))
                 else:
-                    command.upgrade(cfg, "heads")
+                    action(cfg)
 
         try:
-            run_in_fresh_thread(upgrade)
+            run_in_fresh_thread(body)
         except PgTemplateError:
             raise
         except Exception as exc:
             raise migration_error(exc, script_dir) from exc
 
 
-async def _upgrade_with_connection(cfg: Config, url: URL) -> None:
+async def _with_connection(cfg: Config, url: URL, action: Callable[[Config], None]) -> None:
     """The Alembic cookbook's connection sharing: env.py finds our connection in
     ``config.attributes["connection"]``."""
     engine = create_async_engine(url.set(drivername="postgresql+asyncpg"), poolclass=NullPool)
 
     def run(connection: Connection) -> None:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "heads")
+        action(cfg)
 
     try:
         async with engine.begin() as conn:

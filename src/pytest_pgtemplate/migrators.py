@@ -32,11 +32,18 @@ def make_migrator(settings: Settings) -> Migrator:
     migrator: Migrator
     if settings.migrate is not None:
         migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate")
+    elif settings.check_downgrade and settings.migrate is None and settings.metadata is not None:
+        raise ConfigError(
+            "pytest-pgtemplate: --pgt-check-downgrade needs Alembic migrations, but the template is "
+            "built with pgtemplate_metadata; unset one of --pgt-check-downgrade / "
+            "PGTEMPLATE_CHECK_DOWNGRADE / pgtemplate_check_downgrade or pgtemplate_metadata.",
+            setting="check_downgrade",
+        )
     elif settings.metadata is not None:
         migrator = MetadataMigrator(settings.metadata, settings.rootdir)
     else:
         ini = find_alembic_ini(settings.alembic_ini, settings.source("alembic_ini"), settings.rootdir)
-        migrator = AlembicMigrator(ini, tuple(settings.alembic_x))
+        migrator = AlembicMigrator(ini, tuple(settings.alembic_x), settings.check_downgrade)
     if settings.seed is not None:
         migrator = Seeded(migrator, CallableMigrator(settings.seed, settings.rootdir, "seed"))
     return migrator

@@ -88,6 +88,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="K=V,...",
     ),
     Option(
+        "check_downgrade",
+        "When a template is (re)built: check on a scratch database that upgrade, downgrade base, "
+        "upgrade again works and leaves the same schema (Alembic only).",
+        kind="bool",
+        default=False,
+    ),
+    Option(
         "metadata",
         "Build the template with MetaData.create_all instead of Alembic: import path such as "
         "app.models:Base.metadata.",
@@ -165,6 +172,7 @@ class Settings:
     keep: bool
     alembic_ini: Path | None
     alembic_x: tuple[str, ...]
+    check_downgrade: bool
     metadata: str | None
     migrate: str | None
     seed: str | None

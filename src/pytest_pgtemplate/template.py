@@ -33,8 +33,9 @@ from . import fingerprint, reset
 from .admin import NOTIFY_AFTER, Admin, use_lock
 from .appenv import temporary_env
 from .db import LoopThread, connect, where
+from .downgrade import check_downgrade
 from .errors import PgTemplateError
-from .migrate import Migrator, Progress
+from .migrate import AlembicMigrator, Migrator, Progress
 from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
 
 
@@ -159,7 +160,21 @@ def _reuse_or_build(
     return True, _build(loop, admin, request, name, fp)
 
 
+def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: str) -> None:
+    """--pgt-check-downgrade, on a scratch database of its own (dropped afterwards)."""
+    migrator = request.migrator
+    if not (isinstance(migrator, AlembicMigrator) and migrator.check_downgrade):
+        return
+    scratch = build_name(request.prefix, fp, uuid.uuid4().hex)
+    loop.run(admin.create(scratch, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
+    try:
+        check_downgrade(migrator, admin.url.set(database=scratch))
+    finally:
+        loop.run(admin.drop_ours(scratch))
+
+
 def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> int:
+    _check_downgrade(loop, admin, request, fp)
     building = build_name(request.prefix, fp, uuid.uuid4().hex)
     loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
     try:
