@@ -233,7 +233,8 @@ async def test_advisory_lock_wait_names_the_holder_and_is_bounded() -> None:
         with pytest.raises(PgTemplateError, match=(
             r"^pytest-pgtemplate: gave up after 6 s waiting for the build of template x "
             r"\(advisory lock held by pid \d+ \(pytest-pgtemplate \S+ pid \d+, [^)]+\)\)\. "
-            r"Wait for it to finish or stop it, or raise --pgt-timeout / PGTEMPLATE_TIMEOUT / pgtemplate_timeout\.$"
+            r"Wait for it to finish or stop it, or raise --pgt-timeout / PGTEMPLATE_TIMEOUT / "
+            r"pgtemplate_timeout\.$"
         )):
             await waiter.lock("scratch-lock-test", 6, "the build of template x", notes.append)
         assert len(notes) == 1
