@@ -164,11 +164,23 @@ DB_NAME = "the developer's own database"
 '''
 
 CONFTEST = '''
+import pytest
+from sqlalchemy import text
+
 import app.settings
 
 
 def pytest_pgtemplate_worker_url(url, config):
     app.settings.DB_NAME = url.database
+
+
+@pytest.fixture(scope="session")
+def app_ready():
+    # Session fixtures of apps often connect at once (create_all, a health check...):
+    # the worker database must exist already.
+    from app.engine import engine
+    with engine.connect() as conn:
+        return conn.execute(text("select count(*) from country")).scalar()
 '''
 
 ENV_SUITE = '''
@@ -186,7 +198,8 @@ OUT.mkdir(exist_ok=True)
 
 
 @pytest.mark.parametrize("i", range(4))
-def test_app_engine_uses_the_worker_database(i):
+def test_app_engine_uses_the_worker_database(app_ready, i):
+    assert app_ready == 3
     with engine.begin() as conn:
         db = conn.execute(text("select current_database()")).scalar()
         assert conn.execute(text("select count(*) from customer")).scalar() == 0

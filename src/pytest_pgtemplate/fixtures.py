@@ -131,6 +131,16 @@ def _pgt_database(request: pytest.FixtureRequest, _pgt_strategy: str) -> Iterato
     state.call(request, lambda: runtime.end_test(_pgt_strategy, db))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _pgt_app_session_database(request: pytest.FixtureRequest) -> None:
+    """With pgtemplate_env: the worker database exists before any session fixture of the
+    app (set up before function-scoped ones) connects through the environment variable."""
+    state = _state(request)
+    if state.app_integration:
+        runtime = state.runtime(request.config)
+        state.call(request, runtime.database)
+
+
 @pytest.fixture(autouse=True)
 def _pgt_app_database(request: pytest.FixtureRequest) -> None:
     """With pgtemplate_env (or the worker-URL hook), the app reaches the database on its

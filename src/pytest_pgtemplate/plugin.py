@@ -20,6 +20,7 @@ from .errors import ConfigError, PgTemplateError
 from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module's namespace)
     Engines,
     _pgt_app_database,
+    _pgt_app_session_database,
     _pgt_async_bind,
     _pgt_database,
     _pgt_strategy,
