@@ -338,3 +338,19 @@ async def test_reset_covers_partitions_inheritance_unused_sequences_truncate_tri
         assert after == before
     else:
         assert after[:6] == before[:6]  # matview refreshes are not seen without superuser
+
+
+def test_failure_notes_older_than_a_day_are_pruned(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from pytest_pgtemplate.template import prune_notes
+
+    old, fresh, lock = tmp_path / "a.failed", tmp_path / "b.failed", tmp_path / "c.lock"
+    for path in (old, fresh, lock):
+        path.write_text("x")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    os.utime(lock, (two_days_ago, two_days_ago))
+    prune_notes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.failed", "c.lock"]

@@ -86,11 +86,13 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
     fp = fingerprint.compute(request.migrator.inputs(), server_major=admin.major, role=admin.role)
     name = template_name(request.prefix, fp)
     server = hashlib.sha1(where(admin.url).encode(), usedforsecurity=False).hexdigest()[:12]
-    failed_note = lock_dir() / f"{server}-{name}-{request.run_id}.failed"
+    shared = lock_dir()
+    failed_note = shared / f"{server}-{name}-{request.run_id}.failed"
     # Say "in use" before looking: a sweep of another run must not prune it meanwhile.
     loop.run(admin.hold_shared(use_lock(name)))
     _raise_if_failed(failed_note)
-    file_lock = FileLock(str(lock_dir() / f"{server}-{name}.lock"))
+    prune_notes(shared)
+    file_lock = FileLock(str(shared / f"{server}-{name}.lock"))
     _acquire(file_lock, request, f"another process of this machine building template {name}")
     try:
         _raise_if_failed(failed_note)
