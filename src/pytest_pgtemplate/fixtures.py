@@ -106,19 +106,15 @@ def _key(request: pytest.FixtureRequest, db: WorkerDatabase) -> tuple[str, int]:
     return db.name, _state(request).runtime(request.config).generation
 
 
-def _reset_strategy(request: pytest.FixtureRequest, default: str) -> str:
-    marker = request.node.get_closest_marker("pgtemplate")
-    if marker is None:
-        return default
-    from .plugin import marker_reset
-
-    return marker_reset(marker)
-
-
 @pytest.fixture
 def _pgt_strategy(request: pytest.FixtureRequest) -> str:
     """This test's reset strategy: its marker's, else --pgt-reset."""
-    return _reset_strategy(request, _state(request).settings.reset)
+    marker = request.node.get_closest_marker("pgtemplate")
+    if marker is None:
+        return _state(request).settings.reset
+    from .plugin import marker_reset
+
+    return marker_reset(marker)
 
 
 @pytest.fixture

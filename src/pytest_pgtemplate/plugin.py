@@ -140,7 +140,7 @@ class PluginState:
         if self._runtime is None:
             return []
         runtime = self._runtime
-        self.summary.add(worker_payload(runtime))
+        self.summary.merge(worker_payload(runtime))
         kept, problems = runtime.close()
         for problem in problems:
             notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "

@@ -20,9 +20,6 @@ class Summary:
     swept: list[str] = field(default_factory=list)
     processes: int = 0
 
-    def add(self, payload: dict[str, Any]) -> None:
-        self.merge(payload)
-
     def merge(self, other: dict[str, Any]) -> None:
         for key in ("templates", "clone_seconds", "databases", "kept", "swept"):
             getattr(self, key).extend(other.get(key, []))

@@ -29,8 +29,6 @@ from . import errors
 from .db import CONNECTION_LOST
 from .errors import PgTemplateError
 
-SCHEMA = "_pgtemplate"
-
 INSTALL_SQL = (files(__package__) / "sql" / "install.sql").read_text()
 # Event triggers (superuser only) note schema changes a test makes: a truncate reset
 # cannot undo those, so the worker database is then re-created from the template.

@@ -110,7 +110,7 @@ class Runtime:
 
     def _clone(self, template: Template) -> WorkerDatabase:
         assert self._admin is not None
-        name = worker_name(self.settings.prefix, self.run_id, self.worker)
+        name = self._worker_name()
         start = time.perf_counter()
         # A restarted xdist worker reuses its id within the run: replace its database.
         self.loop.run(self._admin.drop_ours(name))
@@ -179,12 +179,14 @@ class Runtime:
 
     def planned_database(self) -> URL:
         """The worker database's URL before it exists (its name does not depend on the server)."""
-        return self.server_url.set(database=worker_name(self.settings.prefix, self.run_id, self.worker))
+        return self.server_url.set(database=self._worker_name())
+
+    def _worker_name(self) -> str:
+        return worker_name(self.settings.prefix, self.run_id, self.worker)
 
     @property
     def current_name(self) -> str | None:
         return None if self._db is None else self._db.name
-
 
     def _recover(self, exc: PgTemplateError) -> None:
         """After a failed reset: a fresh worker database, unless that fails too or resets keep
