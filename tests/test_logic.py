@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -62,6 +63,44 @@ def test_unsafe_prefixes_are_refused(prefix: str) -> None:
         resolve(cli={"pgt_prefix": prefix} if prefix else {}, ini={"pgtemplate_prefix": "Bad"})
 
 
+def test_extra_databases_parse_into_their_own_settings() -> None:
+    s = resolve(
+        cli={"pgt_reset": "rollback"},
+        ini={"pgtemplate_alembic_ini": "main.ini", "pgtemplate_seed": "app:seed",
+             "pgtemplate_databases": "\n  analytics alembic_ini=an/alembic.ini env=AN_URL  # comment\n"
+                                     "\n  audit metadata=app.audit:Base.metadata reset=clone seed=app:s2\n"},
+    )
+    assert s.database_names == ("default", "analytics", "audit")
+    analytics = s.for_database("analytics")
+    assert (analytics.alembic_ini, analytics.env, analytics.reset) == (
+        Path("/proj/an/alembic.ini"), "AN_URL", "rollback")
+    assert analytics.seed is None  # the default database's migrator keys are not inherited
+    assert analytics.source("alembic_ini") == "pgtemplate_databases (analytics)"
+    assert analytics.source("reset") == "--pgt-reset"
+    audit = s.for_database("audit")
+    assert (audit.metadata, audit.reset, audit.seed, audit.alembic_ini) == (
+        "app.audit:Base.metadata", "clone", "app:s2", None)
+    assert (audit.prefix, audit.database) == (s.prefix, "audit")
+    assert s.for_database("default") is s
+    # The CLI / environment spelling separates databases with ';'.
+    assert resolve(env={"PGTEMPLATE_DATABASES": "a migrate=m:f; b migrate=m:g"}).database_names == (
+        "default", "a", "b")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("Analytics migrate=m:f", "database name 'Analytics': use 1-16 lowercase"),
+    ("default migrate=m:f", "database name 'default'"),
+    ("a migrate=m:f;a migrate=m:g", "database 'a' is declared twice"),
+    ("a env=X", "database 'a' needs alembic_ini=, metadata= or migrate="),
+    ("a migrate=m:f prefix=x", "database 'a': 'prefix=x' is not key=value with a key among alembic_ini, "),
+    ("a migrate=m:f reset=sometimes", "database 'a': reset='sometimes': expected one of truncate"),
+])
+def test_bad_database_declarations_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"invalid value .* for databases \(from PGTEMPLATE_DATABASES\): "
+                       + re.escape(message)):
+        resolve(env={"PGTEMPLATE_DATABASES": spec})
+
+
 # -- naming -----------------------------------------------------------------
 
 
@@ -79,8 +118,10 @@ def test_longest_names_fit_and_differ() -> None:
         naming.template_name(prefix, fp),
         naming.build_name(prefix, fp, uuid.uuid4().hex),
         naming.worker_name(prefix, uuid.uuid4().hex, "gw123456789"),
+        naming.worker_name(prefix, uuid.uuid4().hex, "gw123456789", "x" * 16),
+        naming.clone_name(prefix, uuid.uuid4().hex, "gw123456789", 99999, "x" * 16),
     }
-    assert len(names) == 3
+    assert len(names) == 5
     assert all(len(n.encode()) <= 63 for n in names)
     assert naming.template_name("a", "1" * 20 + "x") != naming.template_name("a", "1" * 19 + "y")
 

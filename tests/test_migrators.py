@@ -132,6 +132,56 @@ def test_callable_migrator_and_seed_hook(project: Project) -> None:
     assert project.migrations_run() == 2
 
 
+SEED_HOOK = '''
+import asyncpg
+
+
+async def pytest_pgtemplate_seed(url, sync_url, config, database):
+    assert (url.drivername, sync_url.drivername, database) == (
+        "postgresql+asyncpg", "postgresql+psycopg", "default")
+    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(False))
+    await conn.execute("INSERT INTO color (name) VALUES {rows}")
+    await conn.close()
+'''
+
+
+def use_seed_hook(project: Project, rows: str) -> None:
+    """The callable migrator's project, seeded by the hook in its conftest instead."""
+    (project.pytester.path / "alembic.ini").unlink(missing_ok=True)
+    use_package(project, "app", db=DB_FUNCS.format(more=""))
+    set_ini(project, migrate="app.db:migrate")
+    project.pytester.makeconftest(SEED_HOOK.format(rows=rows))
+    project.pytester.makepyfile(test_inner=SEED_SUITE.format(more_names=""))
+
+
+def test_seed_hook_rows_survive_resets_and_editing_the_hook_rebuilds(project: Project) -> None:
+    use_seed_hook(project, "('red'), ('green')")
+    result = project.run("-n", "2")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*built by app.db:migrate(url), then seed pytest_pgtemplate_seed(conftest)"])
+    project.run("-p", "no:xdist").assert_outcomes(passed=4)
+    assert project.migrations_run() == 1
+    # An unrelated edit of the conftest keeps the template; editing the hook rebuilds it.
+    project.pytester.makeconftest(SEED_HOOK.format(rows="('red'), ('green')") + "\nX = 1\n")
+    project.run("-p", "no:xdist").assert_outcomes(passed=4)
+    assert project.migrations_run() == 1
+    project.pytester.makeconftest(SEED_HOOK.format(rows="('red'), ('green'), ('teal')"))
+    project.pytester.makepyfile(test_inner=SEED_SUITE.format(more_names=",teal"))
+    project.run("-n", "2").assert_outcomes(passed=4)
+    assert project.migrations_run() == 2
+
+
+def test_a_failing_seed_hook_is_reported_once_and_nothing_is_published(project: Project) -> None:
+    use_seed_hook(project, "('red'), ('red')")
+    result = project.run("-n", "2")
+    assert result.ret != 0
+    out = result.stdout.str()
+    assert out.count("pytest_pgtemplate_seed(conftest) failed while building the template: "
+                     "UniqueViolationError: duplicate key value") == 1, out
+    assert "the process of this run that tried first reported why" in out
+    assert not [n for n in project.databases() if "_tpl_" in n]
+
+
 def test_bad_import_paths_name_the_setting(project: Project) -> None:
     (project.pytester.path / "alembic.ini").unlink()
     set_ini(project, metadata="app.nowhere:Base.metadata")

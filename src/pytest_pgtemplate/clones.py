@@ -24,12 +24,12 @@ class ClonePool:
     """Ready clones of one template for one process; ``take()`` blocks until one is ready."""
 
     def __init__(self, loop: LoopThread, url: URL, *, template: str, fingerprint: str, prefix: str,
-                 run_id: str, worker: str, strategy: str | None) -> None:
+                 run_id: str, worker: str, strategy: str | None, database: str = "") -> None:
         self._loop = loop
         self._url = url
         self._template = template
         self._marker = Marker.new(CLONE, fingerprint, run_id, prefix)
-        self._names = (clone_name(prefix, run_id, worker, n) for n in itertools.count())
+        self._names = (clone_name(prefix, run_id, worker, n, database) for n in itertools.count())
         self._strategy = strategy
         self._admin: Admin | None = None
         # Queues bind to a loop on first use only: that is the private loop.

@@ -7,14 +7,23 @@ loop not seen before, its pool is disposed on that loop, so no connection outliv
 the loop; when a second test runs on the same loop (a session- or module-scoped
 loop), the loop is long-lived and the pool's warm connections are kept for every
 later test on it.  Within one test, every session reuses one pooled connection.
+
+Each database (the default one and every extra one of ``pgtemplate_databases``) gets the
+same set of fixtures: ``fixtures_for(name)`` makes them, with the names and parameters
+of the extra database (``pg_analytics_session`` needs ``pg_analytics_sessionmaker``...).
+The async ones are pytest-asyncio fixtures; a test run by anyio's pytest plugin gets
+them run by anyio instead (see ``plugin.pytest_fixture_setup``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import weakref
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -30,7 +39,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 
 from .errors import PgTemplateError
-from .runtime import Runtime, WorkerDatabase
+from .runtime import WorkerDatabase
+from .settings import DEFAULT_DATABASE
 
 if TYPE_CHECKING:
     from .plugin import PluginState
@@ -62,7 +72,14 @@ class Engines:
     def acquire(self, db: WorkerDatabase, key: tuple[str, int]) -> AsyncEngine:
         """The engine for a test about to run on the current loop."""
         self._check(key)
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError as exc:
+            raise PgTemplateError(
+                "pytest-pgtemplate: the async fixtures (pg_engine, pg_session, ...) need an asyncio "
+                "event loop (asyncpg runs on asyncio only); under anyio, use its asyncio backend "
+                "(an anyio_backend fixture returning \"asyncio\")."
+            ) from exc
         previous = self._last_loop() if self._last_loop is not None else None
         if self._async is None:
             self._async = create_async_engine(db.url)
@@ -96,85 +113,70 @@ class Engines:
         self._async, self._sync, self._last_loop, self._keep_warm = None, None, None, False
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One test's use of one database: which, where, how it is reset, and the key of the
+    pooled engines that may serve it."""
+
+    database: str
+    db: WorkerDatabase
+    strategy: str
+    key: tuple[str, int]
+
+
 def _state(request: pytest.FixtureRequest) -> PluginState:
     from .plugin import STATE_KEY
 
     return request.config.stash[STATE_KEY]
 
 
-def _key(request: pytest.FixtureRequest, db: WorkerDatabase) -> tuple[str, int]:
-    return db.name, _state(request).runtime(request.config).generation
-
-
-@pytest.fixture
-def _pgt_strategy(request: pytest.FixtureRequest) -> str:
-    """This test's reset strategy: its marker's, else --pgt-reset."""
+def _strategy(request: pytest.FixtureRequest, default: str) -> str:
+    """This test's reset strategy: its marker's, else the database's setting."""
     marker = request.node.get_closest_marker("pgtemplate")
     if marker is None:
-        return _state(request).settings.reset
+        return default
     from .plugin import marker_reset
 
     return marker_reset(marker)
 
 
-@pytest.fixture
-def _pgt_database(request: pytest.FixtureRequest, _pgt_strategy: str) -> Iterator[WorkerDatabase]:
-    """The database for one test, reset (or dropped, for a clone) after it."""
-    state = _state(request)
-    runtime: Runtime = state.runtime(request.config)
-    db = state.call(request, lambda: runtime.begin_test(_pgt_strategy))
-    yield db
-    state.call(request, lambda: runtime.end_test(_pgt_strategy, db))
+def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterator[Lease]]:
+    def fixture(request: pytest.FixtureRequest) -> Iterator[Lease]:
+        """The database for one test, reset (or dropped, for a clone) after it."""
+        state = _state(request)
+        runtime = state.call(request, lambda: state.runtime(request.config, database))
+        strategy = _strategy(request, runtime.settings.reset)
+        db = state.call(request, lambda: runtime.begin_test(strategy))
+        yield Lease(database, db, strategy, (db.name, runtime.generation))
+        state.call(request, lambda: runtime.end_test(strategy, db))
+
+    return fixture
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pgt_app_session_database(request: pytest.FixtureRequest) -> None:
-    """With pgtemplate_env: the worker database exists before any session fixture of the
-    app (set up before function-scoped ones) connects through the environment variable."""
-    state = _state(request)
-    if state.app_integration:
-        runtime = state.runtime(request.config)
-        state.call(request, runtime.database)
-
-
-@pytest.fixture(autouse=True)
-def _pgt_app_database(request: pytest.FixtureRequest) -> None:
-    """With pgtemplate_env (or the worker-URL hook), the app reaches the database on its
-    own: every test gets it set up and reset, not only those asking for a fixture."""
-    if _state(request).app_integration:
-        request.getfixturevalue("_pgt_database")
-
-
-@pytest.fixture
-def pg_url(_pgt_database: WorkerDatabase) -> URL:
+def _url(_pgt_database: Lease) -> URL:
     """URL (postgresql+asyncpg) of this worker's database."""
-    return _pgt_database.url
+    return _pgt_database.db.url
 
 
-@pytest.fixture
-def pg_sync_url(_pgt_database: WorkerDatabase) -> URL:
+def _sync_url(_pgt_database: Lease) -> URL:
     """URL (postgresql+psycopg) of this worker's database."""
-    return _pgt_database.sync_url
+    return _pgt_database.db.sync_url
 
 
-@pytest_asyncio.fixture
-async def pg_engine(
-    request: pytest.FixtureRequest, _pgt_database: WorkerDatabase
-) -> AsyncIterator[AsyncEngine]:
+async def _engine(request: pytest.FixtureRequest, _pgt_database: Lease) -> AsyncIterator[AsyncEngine]:
     """AsyncEngine bound to this worker's database (do not dispose it)."""
     state = _state(request)
-    engines = state.engines
-    yield engines.acquire(_pgt_database, _key(request, _pgt_database))
+    engines = state.engines_for(_pgt_database.database)
+    yield state.call(request, lambda: engines.acquire(_pgt_database.db, _pgt_database.key))
     await engines.release()
 
 
-@pytest_asyncio.fixture
-async def _pgt_async_bind(
-    pg_engine: AsyncEngine, _pgt_strategy: str
+async def _async_bind(
+    pg_engine: AsyncEngine, _pgt_database: Lease
 ) -> AsyncIterator[AsyncEngine | AsyncConnection]:
     """What sessions bind to: the engine, or (``rollback``) one connection inside an outer
     transaction that is rolled back after the test."""
-    if _pgt_strategy != "rollback":
+    if _pgt_database.strategy != "rollback":
         yield pg_engine
         return
     async with pg_engine.connect() as conn:
@@ -184,10 +186,7 @@ async def _pgt_async_bind(
             await outer.rollback()
 
 
-@pytest.fixture
-def pg_sessionmaker(
-    _pgt_async_bind: AsyncEngine | AsyncConnection,
-) -> async_sessionmaker[AsyncSession]:
+def _sessionmaker(_pgt_async_bind: AsyncEngine | AsyncConnection) -> async_sessionmaker[AsyncSession]:
     """async_sessionmaker bound to this test's database (expire_on_commit=False).  Under
     ``rollback`` its sessions share the test's outer transaction: commit() releases a
     savepoint, and everything is rolled back after the test."""
@@ -196,28 +195,23 @@ def pg_sessionmaker(
     )
 
 
-@pytest_asyncio.fixture
-async def pg_session(
-    pg_sessionmaker: async_sessionmaker[AsyncSession],
-) -> AsyncIterator[AsyncSession]:
+async def _session(pg_sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """An AsyncSession for one test; it may commit.  Closed (rolled back) after the test."""
     async with pg_sessionmaker() as session:
         yield session
 
 
-@pytest.fixture
-def pg_sync_engine(request: pytest.FixtureRequest, _pgt_database: WorkerDatabase) -> Engine:
+def _sync_engine(request: pytest.FixtureRequest, _pgt_database: Lease) -> Engine:
     """Engine (psycopg 3) bound to this worker's database (do not dispose it)."""
     state = _state(request)
-    key = _key(request, _pgt_database)
-    return state.call(request, lambda: state.engines.sync_for(_pgt_database, key))
+    engines = state.engines_for(_pgt_database.database)
+    return state.call(request, lambda: engines.sync_for(_pgt_database.db, _pgt_database.key))
 
 
-@pytest.fixture
-def pg_sync_session(pg_sync_engine: Engine, _pgt_strategy: str) -> Iterator[Session]:
+def _sync_session(pg_sync_engine: Engine, _pgt_database: Lease) -> Iterator[Session]:
     """A Session for one test; it may commit.  Closed (rolled back) after the test; under
     ``rollback`` it runs inside an outer transaction rolled back after the test."""
-    if _pgt_strategy != "rollback":
+    if _pgt_database.strategy != "rollback":
         with Session(pg_sync_engine, expire_on_commit=False) as session:
             yield session
         return
@@ -228,3 +222,102 @@ def pg_sync_session(pg_sync_engine: Engine, _pgt_strategy: str) -> Iterator[Sess
             yield session
         if outer.is_active:
             outer.rollback()
+
+
+# Each fixture under its default name: its function, and whether it is async.
+_FIXTURES: dict[str, tuple[Callable[..., Any], bool]] = {
+    "pg_url": (_url, False),
+    "pg_sync_url": (_sync_url, False),
+    "pg_engine": (_engine, True),
+    "_pgt_async_bind": (_async_bind, True),
+    "pg_sessionmaker": (_sessionmaker, False),
+    "pg_session": (_session, True),
+    "pg_sync_engine": (_sync_engine, False),
+    "pg_sync_session": (_sync_session, False),
+}
+# Async fixtures, by the name they have, as plain async functions for anyio (see module doc).
+ANYIO_TWINS: dict[str, Callable[..., Any]] = {}
+
+
+def fixture_name(base: str, database: str) -> str:
+    """``pg_session`` of database ``analytics`` is ``pg_analytics_session``."""
+    if database == DEFAULT_DATABASE:
+        return base
+    head = "_pgt_" if base.startswith("_pgt_") else "pg_"
+    return f"{head}{database}_{base[len(head):]}"
+
+
+def fixtures_for(database: str) -> dict[str, Any]:
+    """Every fixture of one database, by name, ready to be found in a plugin namespace."""
+    made: dict[str, Any] = {
+        fixture_name("_pgt_database", database):
+            pytest.fixture(name=fixture_name("_pgt_database", database))(_database_fixture(database)),
+    }
+    for base, (func, is_async) in _FIXTURES.items():
+        name = fixture_name(base, database)
+        renamed = _renamed(func, name, database)
+        if is_async:
+            ANYIO_TWINS[name] = _renamed(func, name, database)
+            made[name] = pytest_asyncio.fixture(name=name)(renamed)
+        else:
+            made[name] = pytest.fixture(name=name)(renamed)
+    return made
+
+
+def _renamed(func: Callable[..., Any], name: str, database: str) -> Callable[..., Any]:
+    """A new function calling ``func``, whose fixture parameters carry the names they have
+    for ``database`` (``pg_engine`` -> ``pg_analytics_engine``).  Always a fresh object, so
+    markings that pytest-asyncio puts on one do not reach another."""
+    signature = inspect.signature(func)
+    ours = (*_FIXTURES, "_pgt_database")
+    back = {fixture_name(p, database): p for p in signature.parameters if p in ours}
+
+    def args(kwargs: dict[str, object]) -> dict[str, object]:
+        return {back.get(k, k): v for k, v in kwargs.items()}
+
+    wrapper: Callable[..., Any]
+    if inspect.isasyncgenfunction(func):
+        async def async_wrapper(**kwargs: object) -> AsyncIterator[object]:
+            async for value in func(**args(kwargs)):
+                yield value
+        wrapper = async_wrapper
+    elif inspect.isgeneratorfunction(func):
+        def gen_wrapper(**kwargs: object) -> Iterator[object]:
+            yield from func(**args(kwargs))
+        wrapper = gen_wrapper
+    else:
+        def plain_wrapper(**kwargs: object) -> object:
+            return func(**args(kwargs))
+        wrapper = plain_wrapper
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(name=fixture_name(p.name, database)) if p.name in back.values() else p
+                    for p in signature.parameters.values()])
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def _app_session_databases(request: pytest.FixtureRequest) -> None:
+    """With pgtemplate_env: the worker databases exist before any session fixture of the
+    app (set up before function-scoped ones) connects through the environment variable."""
+    state = _state(request)
+    for database in state.app_databases:
+        runtime = state.call(request, functools.partial(state.runtime, request.config, database))
+        state.call(request, runtime.database)
+
+
+def _app_databases(request: pytest.FixtureRequest) -> None:
+    """With pgtemplate_env (or the worker-URL hook), the app reaches the database on its
+    own: every test gets it set up and reset, not only those asking for a fixture."""
+    for database in _state(request).app_databases:
+        request.getfixturevalue(fixture_name("_pgt_database", database))
+
+
+def common_fixtures() -> dict[str, Any]:
+    """The fixtures shared by all databases (the autouse ones of app integration)."""
+    return {
+        "_pgt_app_session_database":
+            pytest.fixture(scope="session", autouse=True, name="_pgt_app_session_database")(
+                _app_session_databases),
+        "_pgt_app_database": pytest.fixture(autouse=True, name="_pgt_app_database")(_app_databases),
+    }

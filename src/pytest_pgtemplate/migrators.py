@@ -27,8 +27,9 @@ from .migrate import AlembicMigrator, Migrator, Progress, find_alembic_ini, run_
 from .settings import OPTIONS_BY_NAME, Settings
 
 
-def make_migrator(settings: Settings) -> Migrator:
-    """The migrator the settings ask for: a callable, a MetaData, else Alembic; plus the seed."""
+def make_migrator(settings: Settings, seeds: tuple[Migrator, ...] = ()) -> Migrator:
+    """The migrator the settings ask for: a callable, a MetaData, else Alembic; then the
+    seed of the settings and ``seeds`` (the seed hook's implementations)."""
     migrator: Migrator
     if settings.migrate is not None:
         migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate")
@@ -45,8 +46,8 @@ def make_migrator(settings: Settings) -> Migrator:
         ini = find_alembic_ini(settings.alembic_ini, settings.source("alembic_ini"), settings.rootdir)
         migrator = AlembicMigrator(ini, tuple(settings.alembic_x), settings.check_downgrade)
     if settings.seed is not None:
-        migrator = Seeded(migrator, CallableMigrator(settings.seed, settings.rootdir, "seed"))
-    return migrator
+        seeds = (CallableMigrator(settings.seed, settings.rootdir, "seed"), *seeds)
+    return Seeded(migrator, seeds) if seeds else migrator
 
 
 def load_object(path: str, rootdir: Path, setting: str) -> object:
@@ -84,6 +85,13 @@ def _module_source(obj: object) -> bytes:
         return Path(inspect.getfile(obj)).read_bytes()  # type: ignore[arg-type]
     except (TypeError, OSError):
         return repr(obj).encode()
+
+
+def _function_source(func: Callable[..., object]) -> bytes:
+    try:
+        return inspect.getsource(func).encode()
+    except (TypeError, OSError):
+        return _module_source(func)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,27 +188,59 @@ def _run_user_code(call: Callable[[], object], what: str) -> None:
     except Exception as exc:
         raise PgTemplateError(
             f"pytest-pgtemplate: {what} failed while building the template: "
-            f"{type(exc).__name__}: {exc}. The template was not published; fix it and run again."
+            f"{type(exc).__name__}: {str(exc).rstrip('.')}. The template was not published; fix it "
+            "and run again."
         ) from exc
 
 
 @dataclass(frozen=True, slots=True)
 class Seeded:
-    """A migrator followed by a seed step; both feed the fingerprint."""
+    """A migrator followed by seed steps; all feed the fingerprint."""
 
     base: Migrator
-    seed: CallableMigrator
+    seeds: tuple[Migrator, ...]
 
     @property
     def kind(self) -> str:
         return self.base.kind
 
     def inputs(self) -> list[tuple[str, bytes]]:
-        return self.base.inputs() + self.seed.inputs()
+        found = self.base.inputs()
+        for seed in self.seeds:
+            found += seed.inputs()
+        return found
 
     def describe(self) -> str:
-        return f"{self.base.describe()}, then seed {self.seed.describe()}"
+        return f"{self.base.describe()}, then seed " + ", ".join(s.describe() for s in self.seeds)
 
     def migrate(self, url: URL, progress: Progress | None = None) -> None:
         self.base.migrate(url, progress)
-        self.seed.migrate(url)
+        for seed in self.seeds:
+            seed.migrate(url)
+
+
+@dataclass(frozen=True, slots=True)
+class HookSeed:
+    """The ``pytest_pgtemplate_seed`` hook's implementations: called with the template's
+    URLs after migrating; each implementation's source text feeds the fingerprint."""
+
+    call: Callable[[URL, URL], list[object]]  # (url, sync_url) -> the implementations' results
+    functions: tuple[Callable[..., object], ...]
+    kind: str = "seed-hook"
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return [(f"seed-hook:{f.__module__}.{f.__qualname__}", _function_source(f))
+                for f in self.functions]
+
+    def describe(self) -> str:
+        return "pytest_pgtemplate_seed(" + ", ".join(f.__module__ for f in self.functions) + ")"
+
+    def migrate(self, url: URL, progress: Progress | None = None) -> None:
+        def call() -> None:
+            results = self.call(url.set(drivername="postgresql+asyncpg"),
+                                url.set(drivername="postgresql+psycopg"))
+            for result in results:
+                if inspect.iscoroutine(result):
+                    asyncio.run(result)
+
+        _run_user_code(call, self.describe())

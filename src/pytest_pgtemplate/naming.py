@@ -53,16 +53,19 @@ def build_name(prefix: str, fingerprint: str, nonce: str) -> str:
     return _checked(f"{prefix}_bld_{fingerprint[:12]}_{nonce[:8]}")
 
 
-def worker_name(prefix: str, run_id: str, worker: str) -> str:
+def worker_name(prefix: str, run_id: str, worker: str, database: str = "") -> str:
     """Known before the server is reached (no fingerprint in it): ``pgtemplate_env`` sets
-    the URL before test modules are imported."""
-    safe_worker = "".join(c for c in worker.lower() if c.isalnum())[:8] or "main"
-    return _checked(f"{prefix}_w_{run_id[:12]}_{safe_worker}")
+    the URL before test modules are imported.  ``database``: an extra database's name."""
+    return _checked(f"{prefix}_w_{_owner(run_id, worker, database)}")
 
 
-def clone_name(prefix: str, run_id: str, worker: str, n: int) -> str:
+def clone_name(prefix: str, run_id: str, worker: str, n: int, database: str = "") -> str:
+    return _checked(f"{prefix}_c_{_owner(run_id, worker, database)}_{n}")
+
+
+def _owner(run_id: str, worker: str, database: str) -> str:
     safe_worker = "".join(c for c in worker.lower() if c.isalnum())[:8] or "main"
-    return _checked(f"{prefix}_c_{run_id[:12]}_{safe_worker}_{n}")
+    return f"{run_id[:12]}_{safe_worker}" + (f"_{database}" if database else "")
 
 
 def _checked(name: str) -> str:

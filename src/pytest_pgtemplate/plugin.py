@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
+import types
 import uuid
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -17,28 +19,17 @@ from .admin import Admin
 from .appenv import point_env
 from .db import LoopThread, parse_url, where
 from .errors import ConfigError, PgTemplateError
-from .fixtures import (  # noqa: F401  (fixtures are found in the plugin module's namespace)
-    Engines,
-    _pgt_app_database,
-    _pgt_app_session_database,
-    _pgt_async_bind,
-    _pgt_database,
-    _pgt_strategy,
-    pg_engine,
-    pg_session,
-    pg_sessionmaker,
-    pg_sync_engine,
-    pg_sync_session,
-    pg_sync_url,
-    pg_url,
-)
+from .fixtures import ANYIO_TWINS, Engines, common_fixtures, fixture_name, fixtures_for
+from .migrators import HookSeed, make_migrator
 from .report import Summary, format_summary, worker_payload
 from .runtime import Runtime
-from .settings import OPTIONS, RESET_STRATEGIES, Settings, resolve
+from .settings import DEFAULT_DATABASE, OPTIONS, RESET_STRATEGIES, Settings, resolve
 from .sweep import describe, sweep
+from .template import status
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedServer
+    from .migrate import Migrator
 
 # pytest captures fd 2 during tests, and xdist workers' stdout is not the terminal:
 # keep the terminal's stderr, as it was when the plugin loaded, for progress notes.
@@ -84,10 +75,12 @@ class PluginState:
             self.server_description = _opt_str(workerinput.get("pgtemplate_server"))
             self.server_source = "embedded server of the xdist controller"
             self.clone_strategy = "file_copy"
-        self.engines = Engines()
+        self.engines: dict[str, Engines] = {}
         self.started = time.perf_counter()
-        self.app_integration = False  # every test gets the database (see pgtemplate_env)
-        self._runtime: Runtime | None = None
+        # Databases every test gets, asked for or not (see pgtemplate_env).
+        self.app_databases: list[str] = []
+        self._runtimes: dict[str, Runtime] = {}
+        self.seed_hook: Callable[[str], tuple[Migrator, ...]] = lambda database: ()
         self.summary = Summary()
 
     def start_embedded(self) -> None:
@@ -107,16 +100,23 @@ class PluginState:
         self.server_description = self.embedded.describe()
         self.clone_strategy = "file_copy"  # fsync is off there: copying files is fastest
 
-    def runtime(self, config: pytest.Config) -> Runtime:
-        if self._runtime is None:
+    def runtime(self, config: pytest.Config, database: str = DEFAULT_DATABASE) -> Runtime:
+        """The runtime of one database (the default one, or an extra one), made on first use."""
+        runtime = self._runtimes.get(database)
+        if runtime is None:
             self.start_embedded()
             if self.embedded_error is not None:
                 raise PgTemplateError(self.embedded_error)
             assert self.server is not None
             url = parse_url(self.server, self.server_source)
-            self._runtime = Runtime(self.settings, url, run_id=self.run_id, worker=self.worker,
-                                    clone_strategy=self.clone_strategy, notify=notify_terminal)
-        return self._runtime
+            runtime = Runtime(self.settings.for_database(database), url, run_id=self.run_id,
+                              worker=self.worker, clone_strategy=self.clone_strategy,
+                              notify=notify_terminal, seeds=self.seed_hook(database))
+            self._runtimes[database] = runtime
+        return runtime
+
+    def engines_for(self, database: str) -> Engines:
+        return self.engines.setdefault(database, Engines())
 
     def call(self, request: pytest.FixtureRequest, func: Callable[[], T]) -> T:
         """Run ``func``; a PgTemplateError fails the test with our message alone (the
@@ -124,30 +124,30 @@ class PluginState:
         try:
             return func()
         except PgTemplateError as exc:
-            if self._runtime is None or self._runtime.timings.template is None or exc.setting == "url":
+            if not any(r.timings.template for r in self._runtimes.values()) or exc.setting == "url":
                 # No database could be set up: later tests would fail the same way.
                 request.session.shouldstop = "pytest-pgtemplate could not set up the database"
             if request.config.option.tbstyle == "long":
                 raise
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
 
-    def current_database(self) -> str | None:
-        return None if self._runtime is None else self._runtime.current_name
+    def current_databases(self) -> list[str]:
+        return [r.current_name for r in self._runtimes.values() if r.current_name is not None]
 
     def finish(self) -> list[str]:
         """Tear down; returns the URLs of kept databases."""
-        self.engines.close()
-        if self._runtime is None:
-            return []
-        runtime = self._runtime
-        self.summary.merge(worker_payload(runtime))
-        kept, problems = runtime.close()
-        for problem in problems:
-            notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "
-                            f"{problem} (the next run's sweep drops what is left)")
-        if kept is None:
-            return []
-        return [kept.url.set(drivername="postgresql").render_as_string(hide_password=True)]
+        for engines in self.engines.values():
+            engines.close()
+        kept_urls: list[str] = []
+        for runtime in self._runtimes.values():
+            self.summary.merge(worker_payload(runtime))
+            kept, problems = runtime.close()
+            for problem in problems:
+                notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "
+                                f"{problem} (the next run's sweep drops what is left)")
+            if kept is not None:
+                kept_urls.append(kept.url.set(drivername="postgresql").render_as_string(hide_password=True))
+        return kept_urls
 
 
 def _run_once(coro: Coroutine[Any, Any, T]) -> T:
@@ -159,9 +159,8 @@ def _run_once(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def has_migrator(settings: Settings) -> bool:
-    return any((settings.metadata, settings.migrate, settings.alembic_ini, settings.env)) or (
-        settings.rootdir / "alembic.ini"
-    ).is_file()
+    return any((settings.metadata, settings.migrate, settings.alembic_ini, settings.env,
+                settings.databases)) or (settings.rootdir / "alembic.ini").is_file()
 
 
 def _opt_str(value: object) -> str | None:
@@ -237,14 +236,40 @@ def pytest_configure(config: pytest.Config) -> None:
     else:
         run_id, worker = uuid.uuid4().hex, "main"
     state = PluginState(settings, run_id=run_id, worker=worker, workerinput=workerinput)
+    state.seed_hook = functools.partial(_seed_hook, config)
     config.stash[STATE_KEY] = state
+    _register_fixtures(config, settings)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
     is_controller = workerinput is None and getattr(config.option, "dist", "no") != "no"
-    wants_url = settings.env is not None or bool(
-        config.hook.pytest_pgtemplate_worker_url.get_hookimpls())
-    if wants_url and not is_controller:
+    if not is_controller:
         _point_app_at_worker_database(config, state)
+
+
+def _register_fixtures(config: pytest.Config, settings: Settings) -> None:
+    """Every database's fixtures, as plugins (pytest finds fixtures in registered plugins)."""
+    namespaces = {"pgtemplate-fixtures": common_fixtures()}
+    for database in settings.database_names:
+        namespaces[f"pgtemplate-fixtures-{database}"] = fixtures_for(database)
+    for name, fixtures in namespaces.items():
+        if config.pluginmanager.get_plugin(name) is None:
+            module = types.ModuleType(name.replace("-", "_"))
+            module.__dict__.update(fixtures)
+            config.pluginmanager.register(module, name)
+
+
+def _seed_hook(config: pytest.Config, database: str) -> tuple[Migrator, ...]:
+    """The ``pytest_pgtemplate_seed`` implementations, as a seed step of ``database``."""
+    impls = config.hook.pytest_pgtemplate_seed.get_hookimpls()
+    if not impls:
+        return ()
+
+    def call(url: URL, sync_url: URL) -> list[object]:
+        results: list[object] = config.hook.pytest_pgtemplate_seed(
+            url=url, sync_url=sync_url, config=config, database=database)
+        return results
+
+    return (HookSeed(call, tuple(impl.function for impl in impls)),)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -254,16 +279,22 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 
 def _point_app_at_worker_database(config: pytest.Config, state: PluginState) -> None:
-    """Before test modules are imported: the env var and the hook get the worker URL, and
-    every test (not only those asking for a fixture) gets the database reset after it."""
-    try:
-        url = state.runtime(config).planned_database().set(drivername="postgresql+asyncpg")
-    except PgTemplateError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    if state.settings.env is not None:
-        point_env(state.settings.env, url)
-    config.hook.pytest_pgtemplate_worker_url(url=url, config=config)
-    state.app_integration = True
+    """Before test modules are imported: each database's env var and the hook get its
+    worker URL, and every test (not only those asking for a fixture) gets those databases
+    reset after it."""
+    hooked = bool(config.hook.pytest_pgtemplate_worker_url.get_hookimpls())
+    for database in state.settings.database_names:
+        env = state.settings.for_database(database).env
+        if env is None and not hooked:
+            continue
+        try:
+            url = state.runtime(config, database).planned_database().set(drivername="postgresql+asyncpg")
+        except PgTemplateError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        if env is not None:
+            point_env(env, url)
+        config.hook.pytest_pgtemplate_worker_url(url=url, config=config, database=database)
+        state.app_databases.append(database)
 
 
 def _resolve(config: pytest.Config) -> Settings:
@@ -301,10 +332,14 @@ def marker_reset(marker: pytest.Mark) -> str:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash.get(STATE_KEY, None)
-    if state is None:
+    if state is None or getattr(config, "workerinput", None) is not None:
         return []
     s = state.settings
-    if state.server is None or state.embedded is not None:
+    if has_migrator(s):
+        state.start_embedded()  # a run that builds databases needs it anyway
+    if state.embedded is not None:
+        server = f"{state.server_description} ({state.server_source})"
+    elif state.server is None:
         server = "embedded (no --pgt-url / PGTEMPLATE_URL / pgtemplate_url), started on first use"
     else:
         try:
@@ -313,10 +348,43 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             server = f"unparsable URL ({state.server_source})"
     lines = [f"pgtemplate: server {server}; " + ", ".join(
         s.describe(name) for name in ("reset", "prefix") )]
+    if has_migrator(s):
+        lines.extend(_template_lines(state))
     if config.option.verbose > 0:
         lines.append("pgtemplate: " + ", ".join(
             s.describe(opt.name) for opt in OPTIONS if opt.name not in ("url", "reset", "prefix")))
     return lines
+
+
+def _template_lines(state: PluginState) -> list[str]:
+    """Per database: its template, and whether this run reuses it or builds it."""
+    if state.server is None:
+        return [f"pgtemplate: template not checked: {state.embedded_error}"]
+    try:
+        url = parse_url(state.server, state.server_source)
+    except ConfigError:
+        return []
+
+    async def check() -> list[str]:
+        admin = await Admin.open(url)
+        try:
+            lines = []
+            for database in state.settings.database_names:
+                settings = state.settings.for_database(database)
+                migrator = make_migrator(settings, state.seed_hook(database))
+                label = "" if database == DEFAULT_DATABASE else f" ({database}, reset={settings.reset})"
+                lines.append(f"pgtemplate: template{label} "
+                             f"{await status(admin, migrator, settings.prefix, settings.rebuild)}; "
+                             f"built by {migrator.describe()}")
+            return lines
+        finally:
+            await admin.close()
+
+    try:
+        return _run_once(check())
+    except PgTemplateError as exc:
+        first = str(exc).split(". ")[0].removeprefix("pytest-pgtemplate: ")
+        return [f"pgtemplate: template not checked ({first}); the first test that needs it says more"]
 
 
 @pytest.hookimpl(trylast=True)
@@ -390,9 +458,24 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
-    if report.failed and "_pgt_database" in getattr(item, "fixturenames", ()):
-        state = item.config.stash.get(STATE_KEY, None)
-        db = state.current_database() if state is not None else None
-        if db is not None:
-            report.sections.append(("pytest-pgtemplate", f"worker database: {db}"))
+    state = item.config.stash.get(STATE_KEY, None)
+    if report.failed and state is not None:
+        used = set(getattr(item, "fixturenames", ()))
+        names = [fixture_name("_pgt_database", d) for d in state.settings.database_names]
+        if used.intersection(names):
+            for db in state.current_databases():
+                report.sections.append(("pytest-pgtemplate", f"worker database: {db}"))
     return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[
+        None, object, object]:
+    """A test run by anyio's plugin gets our async fixtures run by anyio, on its loop:
+    pytest-asyncio (strict mode) leaves them alone when they are not marked as its own."""
+    twin = ANYIO_TWINS.get(fixturedef.argname)
+    if twin is None or "anyio_backend" not in request.fixturenames:
+        return (yield)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fixturedef, "func", twin)
+        return (yield)

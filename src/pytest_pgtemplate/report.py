@@ -39,6 +39,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
             "built": template.built,
             "seconds": template.seconds,
             "worker": runtime.worker,
+            "database": runtime.settings.database,
         }],
         "clone_seconds": list(runtime.timings.clone_seconds),
         "reset_seconds": {k: list(v) for k, v in runtime.reset_seconds.items()},
@@ -69,14 +70,17 @@ def overhead(summary: Summary, wall: float) -> str | None:
 
 def format_summary(summary: Summary, wall: float = 0.0) -> list[str]:
     lines: list[str] = []
-    built = [t for t in summary.templates if t["built"]]
-    if summary.templates:
-        name = summary.templates[0]["name"]
+    names = dict.fromkeys(t["name"] for t in summary.templates)  # in order of first use
+    for name in names:
+        seen = [t for t in summary.templates if t["name"] == name]
+        built = [t for t in seen if t["built"]]
+        database = seen[0].get("database", "default")
+        label = "" if database == "default" else f" ({database})"
         if built:
-            lines.append(f"template {name}: built in {built[0]['seconds']:.2f} s "
+            lines.append(f"template{label} {name}: built in {built[0]['seconds']:.2f} s "
                          f"(by {built[0]['worker']})")
         else:
-            lines.append(f"template {name}: reused")
+            lines.append(f"template{label} {name}: reused")
     if summary.clone_seconds:
         lines.append(
             f"worker databases: {len(summary.clone_seconds)} cloned, "

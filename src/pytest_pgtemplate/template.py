@@ -109,6 +109,17 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
     return Template(name, fp, built, time.perf_counter() - start, tracked)
 
 
+async def status(admin: Admin, migrator: Migrator, prefix: str, rebuild: bool) -> str:
+    """What ``ensure`` will do, for the report header: ``<name> reused`` / ``to be built``."""
+    fp = fingerprint.compute(migrator.inputs(), server_major=admin.major, role=admin.role)
+    name = template_name(prefix, fp)
+    info = await admin.info(name)
+    marker = info.marker if info is not None else None
+    if marker is not None and marker.kind == TEMPLATE and marker.fingerprint == fp:
+        return f"{name} to be rebuilt (--pgt-rebuild)" if rebuild else f"{name} reused"
+    return f"{name} to be built"
+
+
 def _acquire(file_lock: FileLock, request: BuildRequest, what: str) -> None:
     """Take the file lock, saying after a few seconds who holds it; bounded by the timeout."""
     owner = Path(str(file_lock.lock_file) + ".owner")
@@ -133,9 +144,15 @@ def _acquire(file_lock: FileLock, request: BuildRequest, what: str) -> None:
 
 
 def _raise_if_failed(note: Path) -> None:
+    """The build failed in another process of this run: say so in one line (the full
+    error is reported once, by the process that tried), and do not retry."""
     if note.exists():
+        first = note.read_text().splitlines()[0].removeprefix("pytest-pgtemplate: ")
+        if len(first) > 100:
+            first = first[:97] + "..."
         raise PgTemplateError(
-            note.read_text() + " (the same failure as in the process of this run that tried first)"
+            "pytest-pgtemplate: the template could not be built; the process of this run that "
+            f"tried first reported why ({first}); not retried here."
         )
 
 
