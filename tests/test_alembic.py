@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
-from conftest import Project
+from conftest import SERVER_URL, Project
 
 # The Alembic cookbook's connection sharing: use config.attributes["connection"] when a
 # caller provides one, else build an engine from the URL.
@@ -91,11 +93,83 @@ def test_env_py_that_migrates_another_database_is_caught(project: Project) -> No
     result = project.run("-p", "no:xdist")
     result.assert_outcomes(errors=1)  # the session stops at the first setup failure
     result.stdout.fnmatch_lines([
-        "*pytest-pgtemplate: Alembic ran but did not migrate the template database *_bld_* (no "
-        "alembic_version table there): env.py probably connects to a database of its own. Make env.py "
-        "use config.get_main_option('sqlalchemy.url') or config.attributes[[]'connection'[]].*"
+        "*pytest-pgtemplate: Alembic ran but did not migrate database *_bld_* (no "
+        "alembic_version table there): env.py probably connects to a database of its own, e.g. a URL "
+        "your app's settings read at import time. Make env.py use config.get_main_option('sqlalchemy.url') "
+        "or config.attributes[[]'connection'[]], or read the environment variable when env.py runs and "
+        "name it in pgtemplate_env (while migrating it points at the database being built).*"
     ])
     assert project.databases() == []
+
+
+# The URL comes from the app's own settings (an environment variable), not from alembic.ini.
+APP_SETTINGS_ENV_PY = '''
+import os
+from alembic import context
+from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import make_url
+
+url = make_url(os.environ["APP_DB_URL"]).set(drivername="postgresql+psycopg")
+engine = create_engine(url, poolclass=pool.NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
+'''
+
+REVERSIBLE = (
+    'op.execute("CREATE TABLE customer (id serial PRIMARY KEY, name text NOT NULL UNIQUE)")',
+    'op.execute("DROP TABLE customer")',
+)
+
+
+def use_app_settings_env_py(project: Project) -> None:
+    (project.pytester.path / "migrations" / "env.py").write_text(APP_SETTINGS_ENV_PY)
+    for path in (project.pytester.path / "migrations" / "versions").iterdir():
+        path.unlink()
+    project.add_revision("0001", None, *REVERSIBLE)
+    project.pytester.makepyfile(test_inner="""
+        from sqlalchemy import text
+
+        def test_schema(pg_sync_session):
+            assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 0
+    """)
+
+
+def test_check_downgrade_runs_env_py_that_reads_the_apps_variable_on_the_scratch_database(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_app_settings_env_py(project)
+    monkeypatch.setenv("PGTEMPLATE_ENV", "APP_DB_URL")
+    project.run("-p", "no:xdist", "--pgt-check-downgrade").assert_outcomes(passed=1)
+    assert project.migrations_run() == 3  # check: up, up again; then the template
+
+
+def test_check_downgrade_never_downgrades_a_database_env_py_found_by_itself(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_app_settings_env_py(project)
+    scratch = f"scratch_{project.prefix}"
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {scratch}")
+    try:
+        url = make_url(SERVER_URL).set(database=scratch)
+        with psycopg.connect(url.render_as_string(False), autocommit=True) as conn:
+            conn.execute("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')")
+        monkeypatch.setenv("APP_DB_URL", url.render_as_string(False))  # the developer's own database
+        result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*Alembic ran but did not migrate database *_bld_* (no alembic_version*"])  # noqa: E501
+        with psycopg.connect(url.render_as_string(False), autocommit=True) as conn:
+            assert conn.execute("SELECT v FROM precious").fetchall() == [("keep me",)]
+            # env.py upgraded it (its own doing) but nothing downgraded it afterwards.
+            assert conn.execute("SELECT to_regclass('customer') IS NOT NULL").fetchone() == (True,)
+        assert project.migrations_run() == 1  # no downgrade base + upgrade heads after it
+        assert project.databases() == []
+    finally:
+        with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {scratch} WITH (FORCE)")
 
 
 def test_alembic_ini_given_by_setting_with_relative_script_location(project: Project) -> None:

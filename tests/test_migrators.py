@@ -348,7 +348,7 @@ def test_check_downgrade_catches_a_broken_downgrade_once_per_fingerprint(project
         'op.execute("ALTER TABLE note ADD COLUMN leftover int")', "raise ValueError('cannot go back')"))
     result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
     result.stdout.fnmatch_lines([
-        "*pytest-pgtemplate: --pgt-check-downgrade: pytest-pgtemplate: migration failed in revision 0003 "
+        "*pytest-pgtemplate: --pgt-check-downgrade: migration failed in revision 0003 "
         "(migrations/versions/0003_rev.py): ValueError: cannot go back*",
     ])
     # Fixed: the check passes, and is not repeated while the fingerprint holds.

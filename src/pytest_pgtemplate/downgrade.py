@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 
 from .db import connect
 from .errors import PgTemplateError
-from .migrate import AlembicMigrator, run_in_fresh_thread
+from .migrate import AlembicMigrator, require_alembic_ran, run_in_fresh_thread
 
 # Every schema object a migration can leave behind, rendered to comparable text.
 SCHEMA_SQL = (files(__package__) / "sql" / "schema.sql").read_text()
@@ -22,13 +22,16 @@ SCHEMA_SQL = (files(__package__) / "sql" / "schema.sql").read_text()
 SHOWN = 8  # differences listed in the message
 
 
-def schema_of(url: URL) -> set[str]:
-    """The schema of the database at ``url`` as a set of lines."""
+def schema_of(url: URL, *, require_migrated: bool = False) -> set[str]:
+    """The schema of the database at ``url`` as a set of lines; with ``require_migrated``,
+    first proof that Alembic migrated that very database."""
     found: list[set[str]] = []
 
     async def read() -> None:
         conn = await connect(url)
         try:
+            if require_migrated:
+                await require_alembic_ran(conn, str(url.database))
             found.append({r[0] for r in await conn.fetch(SCHEMA_SQL)})
         finally:
             await conn.close()
@@ -41,12 +44,14 @@ def check_downgrade(migrator: AlembicMigrator, url: URL) -> None:
     """Upgrade, downgrade base, upgrade again on ``url`` (a scratch database): the two
     upgraded schemas must be the same.  Raises PgTemplateError saying what went wrong."""
     migrator.migrate(url)
-    before = schema_of(url)
+    before = schema_of(url, require_migrated=True)  # before any downgrade
     try:
         migrator.downgrade_all(url)
         migrator.migrate(url)
     except PgTemplateError as exc:
-        raise PgTemplateError(f"pytest-pgtemplate: --pgt-check-downgrade: {exc}") from exc
+        raise PgTemplateError(
+            f"pytest-pgtemplate: --pgt-check-downgrade: {str(exc).removeprefix('pytest-pgtemplate: ')}"
+        ) from exc
     after = schema_of(url)
     if before != after:
         lost = sorted(before - after)[:SHOWN]

@@ -7,6 +7,7 @@ calls ``asyncio.run()`` itself works, and nothing runs on a test's loop.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -176,8 +178,7 @@ class AlembicMigrator:
         cfg = self._config()
         script_dir = self.script_dir()
         progress.total = sum(1 for _ in ScriptDirectory.from_config(cfg).walk_revisions())
-        env_py = (script_dir / "env.py").read_text(errors="replace")
-        wants_connection = "attributes" in env_py
+        wants_connection = _reads_shared_connection(script_dir / "env.py")
         target = _driver_url(cfg, url)
         cfg.set_main_option("sqlalchemy.url", target.render_as_string(False).replace("%", "%%"))
 
@@ -194,6 +195,34 @@ class AlembicMigrator:
             raise
         except Exception as exc:
             raise migration_error(exc, script_dir) from exc
+
+
+async def require_alembic_ran(conn: asyncpg.Connection, database: str) -> None:
+    """After ``upgrade heads`` on ``database``: did Alembic migrate it, and not another
+    database that env.py found by itself?  (Never downgrade what was not proven ours.)"""
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_class WHERE relname = 'alembic_version' AND relkind = 'r')"
+    ):
+        raise PgTemplateError(
+            f"pytest-pgtemplate: Alembic ran but did not migrate database {database} (no "
+            "alembic_version table there): env.py probably connects to a database of its own, "
+            "e.g. a URL your app's settings read at import time. Make env.py use "
+            "config.get_main_option('sqlalchemy.url') or config.attributes['connection'], or "
+            "read the environment variable when env.py runs and name it in pgtemplate_env "
+            "(while migrating it points at the database being built)."
+        )
+
+
+def _reads_shared_connection(env_py: Path) -> bool:
+    """Does env.py look for ``config.attributes["connection"]`` (code, not comments)?"""
+    try:
+        tree = ast.parse(env_py.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return False  # running it reports the problem
+    nodes = list(ast.walk(tree))
+    reads_attributes = any(isinstance(n, ast.Attribute) and n.attr == "attributes" for n in nodes)
+    names_connection = any(isinstance(n, ast.Constant) and n.value == "connection" for n in nodes)
+    return reads_attributes and names_connection
 
 
 async def _with_connection(cfg: Config, url: URL, action: Callable[[Config], None]) -> None:

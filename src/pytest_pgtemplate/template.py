@@ -35,7 +35,7 @@ from .appenv import temporary_env
 from .db import LoopThread, connect, where
 from .downgrade import check_downgrade
 from .errors import PgTemplateError
-from .migrate import AlembicMigrator, Migrator, Progress
+from .migrate import AlembicMigrator, Migrator, Progress, require_alembic_ran
 from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
 
 
@@ -186,8 +186,10 @@ def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: 
         return
     scratch = build_name(request.prefix, fp, uuid.uuid4().hex)
     loop.run(admin.create(scratch, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
+    target = admin.url.set(database=scratch)
     try:
-        check_downgrade(migrator, admin.url.set(database=scratch))
+        with temporary_env(request.env_var, target):
+            check_downgrade(migrator, target)
     finally:
         loop.run(admin.drop_ours(scratch))
 
@@ -237,15 +239,8 @@ def _ticking(request: BuildRequest, name: str, progress: Progress) -> Iterator[N
 async def _install_tracking(url: URL, database: str, migrator: Migrator) -> int:
     conn = await connect(url, database)
     try:
-        if migrator.kind == "alembic" and not await conn.fetchval(
-            "SELECT EXISTS (SELECT FROM pg_class WHERE relname = 'alembic_version' AND relkind = 'r')"
-        ):
-            raise PgTemplateError(
-                f"pytest-pgtemplate: Alembic ran but did not migrate the template database "
-                f"{database} (no alembic_version table there): env.py probably connects to a "
-                "database of its own. Make env.py use config.get_main_option('sqlalchemy.url') "
-                "or config.attributes['connection']."
-            )
+        if migrator.kind == "alembic":
+            await require_alembic_ran(conn, database)
         return await reset.install(conn)
     finally:
         await conn.close()
