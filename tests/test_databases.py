@@ -84,7 +84,7 @@ def test_sync_fixtures_of_the_extra_database(pg_analytics_sync_session):
 '''
 
 
-def add_analytics(project: Project, extra: str = "") -> None:
+def add_analytics(project: Project, extra: str = "env=ANALYTICS_URL") -> None:
     root = project.pytester.path / "analytics"
     (root / "migrations" / "versions").mkdir(parents=True)
     (root / "alembic.ini").write_text(
@@ -101,7 +101,7 @@ def add_analytics(project: Project, extra: str = "") -> None:
         asyncio_mode = auto
         asyncio_default_fixture_loop_scope = function
         pgtemplate_databases =
-            analytics alembic_ini=analytics/alembic.ini env=ANALYTICS_URL {extra}
+            analytics alembic_ini=analytics/alembic.ini {extra}
     """))
     (project.pytester.path / "app.py").write_text(APP)
 
@@ -157,7 +157,7 @@ def test_an_extra_database_has_its_own_reset_strategy(project: Project) -> None:
 
 
 def test_a_bad_declaration_names_the_setting(project: Project) -> None:
-    add_analytics(project, extra="colour=blue")
+    add_analytics(project, extra="env=ANALYTICS_URL colour=blue")
     project.pytester.makepyfile(test_inner="def test_x(): pass")
     result = project.run("-p", "no:xdist")
     assert result.ret != 0

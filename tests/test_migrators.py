@@ -218,6 +218,7 @@ import pytest
 from sqlalchemy import text
 
 import app.settings
+from app.engine import engine   # the conftest imports the app: the engine is built right here
 
 
 def pytest_pgtemplate_worker_url(url, config):
@@ -228,7 +229,6 @@ def pytest_pgtemplate_worker_url(url, config):
 def app_ready():
     # Session fixtures of apps often connect at once (create_all, a health check...):
     # the worker database must exist already.
-    from app.engine import engine
     with engine.connect() as conn:
         return conn.execute(text("select count(*) from country")).scalar()
 '''
@@ -272,6 +272,20 @@ def test_env_var_and_hook_point_the_app_at_each_workers_database(
     assert len(seen) == 2
     assert all(name.startswith(f"{project.prefix}_w_") for name in seen)
     project.run("-p", "no:xdist").assert_outcomes(passed=4)
+
+
+def test_clone_reset_of_an_app_integrated_database_falls_back_to_truncate_with_a_warning(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://dev@db.example/dev")
+    use_package(project, "app", engine=APP_ENGINE, settings=APP_SETTINGS)
+    project.pytester.makeconftest(CONFTEST)
+    set_ini(project, env="DATABASE_URL", reset="clone")
+    project.pytester.makepyfile(test_env=ENV_SUITE)  # each test: the app sees 0 rows, adds one
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(passed=4)
+    assert result.stdout.str().count("reset=clone cannot reach the app for database 'default'") == 1
+    result.stdout.fnmatch_lines(["*through the environment variable DATABASE_URL, fixed when it started*"])
 
 
 HEADS = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
-from .errors import PgTemplateError
+from .errors import PgTemplateError, PgTemplateWarning
 from .runtime import WorkerDatabase
 from .settings import DEFAULT_DATABASE
 
@@ -146,11 +147,27 @@ def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterat
         state = _state(request)
         runtime = state.call(request, lambda: state.runtime(request.config, database))
         strategy = _strategy(request, runtime.settings.reset)
+        if strategy == "clone" and database in state.app_databases:
+            strategy = "truncate"
+            _warn_once(state, database, (
+                f"pytest-pgtemplate: reset=clone cannot reach the app for database {database!r}: the app "
+                "found its worker database through "
+                + (f"the environment variable {runtime.settings.env}" if runtime.settings.env
+                   else "the pytest_pgtemplate_worker_url hook")
+                + ", fixed when it started, so a clone would go unused; such tests are reset with "
+                "truncate instead (a schema change still re-creates the worker database, where the "
+                "plugin's role may create event triggers, e.g. as a superuser)."))
         db = state.call(request, lambda: runtime.begin_test(strategy))
         yield Lease(database, db, strategy, (db.name, runtime.generation))
         state.call(request, lambda: runtime.end_test(strategy, db))
 
     return fixture
+
+
+def _warn_once(state: PluginState, key: str, message: str) -> None:
+    if key not in state.warned:
+        state.warned.add(key)
+        warnings.warn(PgTemplateWarning(message), stacklevel=1)
 
 
 def _url(_pgt_database: Lease) -> URL:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import time
@@ -79,9 +80,19 @@ class PluginState:
         self.started = time.perf_counter()
         # Databases every test gets, asked for or not (see pgtemplate_env).
         self.app_databases: list[str] = []
+        self.warned: set[str] = set()  # warnings given once per process
         self._runtimes: dict[str, Runtime] = {}
         self.seed_hook: Callable[[str], tuple[Migrator, ...]] = lambda database: ()
         self.summary = Summary()
+
+    def controller_info(self) -> dict[str, object]:
+        """What an xdist worker needs to know of the controller's server."""
+        info = {
+            "pgtemplate_url": self.server if self.embedded else None,
+            "pgtemplate_error": self.embedded_error,
+            "pgtemplate_server": self.server_description,
+        }
+        return {key: value for key, value in info.items() if value is not None}
 
     def start_embedded(self) -> None:
         """Start the embedded server if no URL is configured (once; errors are kept)."""
@@ -224,26 +235,82 @@ async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
         await admin.close()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "pgtemplate(reset=...): per-test reset strategy (" + "|".join(RESET_STRATEGIES) + ")",
-    )
-    settings = _resolve(config)
+# The xdist controller tells its workers, through their inherited environment, what they
+# need before their conftest.py files are imported (workerinput arrives only later).
+CONTROLLER_ENV = "PYTEST_PGTEMPLATE_CONTROLLER"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Before any conftest.py is imported: settings, and each database's environment
+    variable (``pgtemplate_env``), so an app whose engine is built at import time, even
+    when a conftest.py imports it, uses the worker database."""
+    ns = early_config.known_args_namespace
+    if getattr(ns, "pgt_list", False) or getattr(ns, "pgt_gc", False):
+        return
+    state = _new_state(early_config, _resolve(early_config, early=True))
+    early_config.stash[STATE_KEY] = state
+    _point_env_vars(early_config, state)
+
+
+def _new_state(config: pytest.Config, settings: Settings) -> PluginState:
+    """This process's state; who it is (run, worker) from xdist's workerinput, or before
+    that exists, from the environment its controller gave it."""
     workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        workerinput = _from_controller()
     if workerinput is not None:
         run_id, worker = str(workerinput["testrunuid"]), str(workerinput["workerid"])
     else:
         run_id, worker = uuid.uuid4().hex, "main"
     state = PluginState(settings, run_id=run_id, worker=worker, workerinput=workerinput)
     state.seed_hook = functools.partial(_seed_hook, config)
-    config.stash[STATE_KEY] = state
-    _register_fixtures(config, settings)
+    return state
+
+
+def _from_controller() -> dict[str, object] | None:
+    """In an xdist worker (a child of the controller that set CONTROLLER_ENV): what its
+    workerinput will say.  Other processes inheriting the variable are not its workers."""
+    try:
+        info = json.loads(os.environ.get(CONTROLLER_ENV, ""))
+    except ValueError:
+        return None
+    is_worker = "PYTEST_XDIST_WORKER" in os.environ
+    if not isinstance(info, dict) or info.get("pid") != os.getppid() or not is_worker:
+        return None
+    info["testrunuid"] = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+    info["workerid"] = os.environ["PYTEST_XDIST_WORKER"]
+    return info
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pgtemplate(reset=...): per-test reset strategy (" + "|".join(RESET_STRATEGIES) + ")",
+    )
+    state = config.stash.get(STATE_KEY, None)
+    workerinput = getattr(config, "workerinput", None)
+    if state is None or (workerinput is not None and (state.run_id, state.worker) != (
+            str(workerinput["testrunuid"]), str(workerinput["workerid"]))):
+        state = _new_state(config, _resolve(config))  # loaded by -p, or a mismatch
+        config.stash[STATE_KEY] = state
+    _register_fixtures(config, state.settings)
+    is_controller = workerinput is None and getattr(config.option, "dist", "no") != "no"
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
-    is_controller = workerinput is None and getattr(config.option, "dist", "no") != "no"
+        if is_controller:
+            _tell_workers(state)
+    _point_env_vars(config, state)  # again: the same values, unless the early hook did not run
     if not is_controller:
-        _point_app_at_worker_database(config, state)
+        _call_worker_url_hook(config, state)
+
+
+def _tell_workers(state: PluginState) -> None:
+    """Controller, before xdist starts its workers: start the embedded server (if the
+    project can build a database at all) and leave its URL in the workers' environment."""
+    if has_migrator(state.settings):
+        state.start_embedded()
+    os.environ[CONTROLLER_ENV] = json.dumps({"pid": os.getpid(), **state.controller_info()})
 
 
 def _register_fixtures(config: pytest.Config, settings: Settings) -> None:
@@ -278,29 +345,43 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hooks)
 
 
-def _point_app_at_worker_database(config: pytest.Config, state: PluginState) -> None:
-    """Before test modules are imported: each database's env var and the hook get its
-    worker URL, and every test (not only those asking for a fixture) gets those databases
-    reset after it."""
-    hooked = bool(config.hook.pytest_pgtemplate_worker_url.get_hookimpls())
+def _point_env_vars(config: pytest.Config, state: PluginState) -> None:
+    """Each database's ``pgtemplate_env`` variable: its worker database's URL in this
+    process (in the xdist controller, a placeholder no test uses).  Such databases are set
+    up and reset for every test, asked for or not."""
     for database in state.settings.database_names:
         env = state.settings.for_database(database).env
-        if env is None and not hooked:
-            continue
-        try:
-            url = state.runtime(config, database).planned_database().set(drivername="postgresql+asyncpg")
-        except PgTemplateError as exc:
-            raise pytest.UsageError(str(exc)) from None
         if env is not None:
-            point_env(env, url)
+            point_env(env, _planned_url(config, state, database))
+            if database not in state.app_databases:
+                state.app_databases.append(database)
+
+
+def _call_worker_url_hook(config: pytest.Config, state: PluginState) -> None:
+    """After conftest.py files are loaded, before test modules are imported."""
+    if not config.hook.pytest_pgtemplate_worker_url.get_hookimpls():
+        return
+    for database in state.settings.database_names:
+        url = _planned_url(config, state, database)
         config.hook.pytest_pgtemplate_worker_url(url=url, config=config, database=database)
-        state.app_databases.append(database)
+        if database not in state.app_databases:
+            state.app_databases.append(database)
 
 
-def _resolve(config: pytest.Config) -> Settings:
+def _planned_url(config: pytest.Config, state: PluginState, database: str) -> URL:
+    try:
+        return state.runtime(config, database).planned_database().set(drivername="postgresql+asyncpg")
+    except PgTemplateError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _resolve(config: pytest.Config, *, early: bool = False) -> Settings:
+    """The settings; ``early``: before the command line is fully parsed (our own options
+    are known by then)."""
+    ns = config.known_args_namespace if early else config.option
     try:
         return resolve(
-            cli={opt.dest: config.getoption(opt.dest) for opt in OPTIONS},
+            cli={opt.dest: getattr(ns, opt.dest, None) for opt in OPTIONS},
             env=os.environ,
             ini={opt.ini: config.getini(opt.ini) for opt in OPTIONS},
             rootdir=config.rootpath,
@@ -400,6 +481,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is None and CONTROLLER_ENV in os.environ:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            if json.loads(os.environ[CONTROLLER_ENV]).get("pid") == os.getpid():
+                del os.environ[CONTROLLER_ENV]
     state = config.stash.get(STATE_KEY, None)
     if state is not None and state.embedded is not None:
         state.embedded.stop()
@@ -418,20 +503,12 @@ class XdistHooks:
         self.state = state
 
     def pytest_configure_node(self, node: WorkerNode) -> None:
-        """Controller: start the embedded server before the first worker, pass its URL.
+        """Controller: the embedded server's URL (or why it did not start) for each worker.
 
         The controller cannot see which tests need a database; it starts the server only
         for a project that has a way to build one (a worker would start its own otherwise).
         """
-        if has_migrator(self.state.settings):
-            self.state.start_embedded()
-        for key, value in (
-            ("pgtemplate_url", self.state.server if self.state.embedded else None),
-            ("pgtemplate_error", self.state.embedded_error),
-            ("pgtemplate_server", self.state.server_description),
-        ):
-            if value is not None:
-                node.workerinput[key] = value
+        node.workerinput.update(self.state.controller_info())
 
     def pytest_testnodedown(self, node: object, error: object) -> None:
         """Controller: gather each worker's numbers for the summary."""
