@@ -163,3 +163,50 @@ def test_header_shows_settings_with_their_source(project: Project) -> None:
         "pgtemplate: server postgres@127.0.0.1:5432/postgres (PGTEMPLATE_URL); "
         f"reset=none (--pgt-reset), prefix={project.prefix} (pgtemplate_prefix)"
     ])
+
+
+ANYIO_SUITE = '''
+import asyncio
+
+import pytest
+from sqlalchemy import text
+
+pytestmark = pytest.mark.anyio
+LOOPS, BACKENDS = [], []
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def long_lived_loop(anyio_backend):
+    yield  # an async module fixture: anyio keeps one loop for the module's tests
+
+
+@pytest.mark.parametrize("i", range(4))
+async def test_anyio(long_lived_loop, pg_session, pg_engine, i):
+    LOOPS.append(asyncio.get_running_loop())
+    BACKENDS.append((await pg_session.execute(text("select pg_backend_pid()"))).scalar())
+    assert len(set(LOOPS)) == 1
+    if i >= 2:  # our fixtures ran on anyio's loop too: the warm connection was kept for it
+        assert BACKENDS[-1] == BACKENDS[-2]
+    assert (await pg_session.execute(text("select count(*) from customer"))).scalar() == 0
+    await pg_session.execute(text("insert into customer (name) values ('x')"))
+    await pg_session.commit()
+'''
+
+
+def test_async_fixtures_run_on_anyios_loop_beside_strict_pytest_asyncio_or_alone(project: Project) -> None:
+    project.pytester.makeini(f"""
+        [pytest]
+        pgtemplate_prefix = {project.prefix}
+        asyncio_default_fixture_loop_scope = function
+    """)
+    project.pytester.makepyfile(test_anyio=ANYIO_SUITE)
+    # "-p anyio" registers anyio before pytest-asyncio: the order in which pytest-asyncio's
+    # fixture hook would otherwise take our fixtures onto its own loop.
+    for plugins in ([], ["-p", "anyio"], ["-p", "no:asyncio", "-W", "ignore::pytest.PytestConfigWarning"]):
+        project.run("-p", "no:xdist", *plugins).assert_outcomes(passed=4)
+    project.run("-n", "2", "--dist", "loadfile").assert_outcomes(passed=4)  # the module on one worker
