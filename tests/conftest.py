@@ -6,11 +6,13 @@ import os
 import textwrap
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 SERVER_URL = os.environ.get("PGTEMPLATE_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -188,6 +190,22 @@ def drop_marked(prefix: str) -> None:
                 psycopg.sql.Identifier(name)))
             conn.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
                 psycopg.sql.Identifier(name)))
+
+
+@contextmanager
+def scratch_role(project: Project, attributes: str) -> Iterator[str]:
+    """A role of its own (``attributes``: e.g. "LOGIN CREATEDB"); yields its server URL.
+    Afterwards the project's databases (which it may own) and the role are dropped."""
+    role = f"scratch_{project.prefix}_role"
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE ROLE {} " + attributes).format(  # type: ignore[arg-type]
+            psycopg.sql.Identifier(role)))
+    try:
+        yield make_url(SERVER_URL).set(username=role).render_as_string(hide_password=False)
+    finally:
+        drop_marked(project.prefix)
+        with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
-from conftest import ISOLATION_SUITE, Project, databases_like
+from conftest import ISOLATION_SUITE, SERVER_URL, Project, databases_like, scratch_role
 
 
 def seen_databases(project: Project) -> set[str]:
@@ -175,22 +177,55 @@ def test_a_long_build_shows_progress_once_and_waiters_say_what_they_wait_for(pro
 
 
 def test_role_without_createdb_gets_a_clear_error(project: Project) -> None:
-    import psycopg
-
-    from conftest import SERVER_URL
-
-    role = f"scratch_{project.prefix}_nocreatedb"
-    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB").format(psycopg.sql.Identifier(role)))
-    try:
+    with scratch_role(project, "LOGIN NOCREATEDB") as url:
+        role = make_url(url).username
         project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n")
-        result = project.run("-p", "no:xdist", "--pgt-url", f"postgresql://{role}@127.0.0.1:5432/postgres")
+        result = project.run("-p", "no:xdist", "--pgt-url", url)
         result.assert_outcomes(errors=1)
         result.stdout.fnmatch_lines([
             f"*pytest-pgtemplate: cannot create database '{project.prefix}_bld_*' on {role}@127.0.0.1:5432/"
             f"postgres: role '{role}' lacks CREATEDB. Run ALTER ROLE ... CREATEDB, or set --pgt-url / "
             "PGTEMPLATE_URL / pgtemplate_url to a role that has it.*"
         ])
-    finally:
+
+
+BLOCKED_SUITE = """
+import threading
+
+import psycopg
+from sqlalchemy import text
+
+
+def test_leaves_a_superuser_session_holding_a_lock(pg_sync_session, pg_sync_url):
+    pg_sync_session.execute(text("insert into customer (name) values ('x')"))
+    pg_sync_session.commit()
+    # Another session, of a role the plugin's role cannot terminate, reads the table the
+    # reset must empty, and stays inside its transaction after the test.
+    url = pg_sync_url.set(drivername="postgresql", username="postgres")
+    blocker = psycopg.connect(url.render_as_string(False), application_name="blocker-app")
+    blocker.execute("SELECT count(*) FROM customer")
+    threading.Timer(4, blocker.close).start()
+"""
+
+
+def test_a_reset_blocked_by_another_session_names_it(project: Project) -> None:
+    with scratch_role(project, "LOGIN CREATEDB") as url:
+        role = make_url(url).username
+        project.pytester.makepyfile(test_blocked=BLOCKED_SUITE)
+        result = project.run("-p", "no:xdist", "--pgt-url", url, "--pgt-reset-timeout", "1")
+        result.assert_outcomes(passed=1, errors=1)  # the error: at the test's teardown
+        result.stdout.fnmatch_lines([
+            f"*pytest-pgtemplate: reset of {project.prefix}_w_* was blocked for more than 1 s by pid * "
+            f"(blocker-app, user postgres; its state and query are hidden from role {role}: GRANT "
+            f"pg_read_all_stats TO {role} to see them). Close that connection before the test ends, or "
+            "raise --pgt-reset-timeout / PGTEMPLATE_RESET_TIMEOUT / pgtemplate_reset_timeout.*"
+        ])
+        # With the right to see other roles' sessions, the message shows what the blocker runs.
         with psycopg.connect(SERVER_URL, autocommit=True) as conn:
-            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
+            conn.execute(psycopg.sql.SQL("GRANT pg_read_all_stats TO {}").format(
+                psycopg.sql.Identifier(role)))
+        result = project.run("-p", "no:xdist", "--pgt-url", url, "--pgt-reset-timeout", "1")
+        result.stdout.fnmatch_lines([
+            "*was blocked for more than 1 s by pid * (blocker-app, user postgres, idle in transaction): "
+            "'SELECT count(*) FROM customer'. Close that connection*"
+        ])

@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 MAX_IDENT_BYTES = 63
 MARKER_TAG = "pytest-pgtemplate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 TEMPLATE = "template"
 BUILDING = "building"

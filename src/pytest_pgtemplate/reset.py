@@ -147,16 +147,16 @@ class TruncateReset:
 
     async def _failure(self, exc: asyncpg.PostgresError) -> PgTemplateError:
         if errors.sqlstate(exc) == errors.LOCK_NOT_AVAILABLE:
+            # The blockers hold locks on relations of this database.  Of another role's
+            # sessions, a role without pg_read_all_stats sees neither state nor query.
             rows = await self.conn.fetch(
-                "SELECT pid, application_name, state, left(query, 200) AS query "
-                "FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                "SELECT a.pid, a.usename, a.application_name, a.state, left(a.query, 200) AS query, "
+                "current_user AS me FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() "
+                "AND a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE d.datname = current_database() AND l.locktype = 'relation' AND l.granted) "
+                "ORDER BY a.pid"
             )
-            who = "; ".join(
-                f"pid {r['pid']} ({r['application_name'] or 'no application_name'}, {r['state']}): "
-                f"{r['query']!r}"
-                for r in rows
-            ) or "a session that has since gone"
+            who = "; ".join(_describe_session(r) for r in rows) or "a session that has since gone"
             return PgTemplateError(
                 f"pytest-pgtemplate: reset of {self.database} was blocked for more than "
                 f"{self.timeout_ms / 1000:g} s by {who}. Close that connection before the test "
@@ -169,3 +169,12 @@ class TruncateReset:
             "If the test changed the schema (DDL), the truncate reset cannot undo that; "
             "the worker database is re-created from the template."
         )
+
+
+def _describe_session(row: asyncpg.Record) -> str:
+    """``pid 123 (app, user bob, idle in transaction): 'SELECT ...'`` for an error message."""
+    app = row["application_name"] or "no application_name"
+    if row["state"] is None:  # another role's session, details hidden from ours
+        return (f"pid {row['pid']} ({app}, user {row['usename']}; its state and query are hidden from "
+                f"role {row['me']}: GRANT pg_read_all_stats TO {row['me']} to see them)")
+    return f"pid {row['pid']} ({app}, user {row['usename']}, {row['state']}): {row['query']!r}"

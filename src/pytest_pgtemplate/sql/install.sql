@@ -111,7 +111,13 @@ BEGIN
     WHERE pg_stat_get_backend_dbid(id) = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND b.pid <> pg_backend_pid()
       AND pg_stat_get_backend_xact_start(id) IS NOT NULL  -- inside a transaction
-      AND EXISTS (SELECT FROM pg_stat_get_activity(b.pid) a WHERE a.backend_type = 'client backend');
+      AND EXISTS (SELECT FROM pg_stat_get_activity(b.pid) a WHERE a.backend_type = 'client backend')
+      -- Only sessions this role may end (a superuser's, say, it may not): the others
+      -- make the reset wait, and a blocked reset names them.
+      AND EXISTS (SELECT FROM pg_roles me, pg_roles them
+                  WHERE me.rolname = current_user AND them.oid = pg_stat_get_backend_userid(id)
+                    AND (me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(them.oid, 'MEMBER')
+                                         OR pg_has_role('pg_signal_backend', 'MEMBER')))));
     SELECT coalesce(array_agg(relid), '{}') INTO dirty FROM _pgtemplate.dirty;
     IF cardinality(dirty) > 0 THEN
         IF replica THEN
