@@ -17,7 +17,7 @@ from conftest import SERVER_URL
 from pytest_pgtemplate import fingerprint, naming, reset, settings
 from pytest_pgtemplate.admin import Admin
 from pytest_pgtemplate.db import parse_url
-from pytest_pgtemplate.errors import ConfigError
+from pytest_pgtemplate.errors import ConfigError, PgTemplateError
 
 SRC = Path(__file__).parent.parent / "src" / "pytest_pgtemplate"
 
@@ -407,3 +407,18 @@ def test_env_py_asks_for_the_shared_connection_only_in_code(tmp_path: Path) -> N
     assert _reads_shared_connection(env_py)
     env_py.write_text("config.attributes['logger'] = None\n")  # another use of attributes
     assert not _reads_shared_connection(env_py)
+
+
+def test_a_server_too_old_is_refused_naming_version_and_setting() -> None:
+    # No PostgreSQL older than 13 can be installed here: the check the admin connection runs
+    # on the server's version is driven directly.
+    from pytest_pgtemplate.admin import require_server
+
+    url = parse_url("postgresql://app:secret@db.example:5433/postgres", "test")
+    with pytest.raises(PgTemplateError, match=re.escape(
+        "pytest-pgtemplate: the server at app@db.example:5433/postgres runs PostgreSQL 12; "
+        "PostgreSQL 13 or newer is required (DROP DATABASE ... WITH (FORCE)). Point --pgt-url / "
+        "PGTEMPLATE_URL / pgtemplate_url at a newer server.")) as caught:
+        require_server(12, url)
+    assert caught.value.setting == "url"
+    require_server(13, url)

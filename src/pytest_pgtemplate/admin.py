@@ -54,6 +54,17 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def require_server(major: int, url: URL) -> None:
+    """Refuse a server older than what the plugin's SQL needs."""
+    if major < MIN_SERVER_MAJOR:
+        raise PgTemplateError(
+            f"pytest-pgtemplate: the server at {where(url)} runs PostgreSQL {major}; "
+            f"PostgreSQL {MIN_SERVER_MAJOR} or newer is required (DROP DATABASE ... WITH "
+            "(FORCE)). Point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a newer server.",
+            setting="url",
+        )
+
+
 class Admin:
     """The admin connection: DDL on databases and advisory locks, nothing else."""
 
@@ -69,14 +80,11 @@ class Admin:
         conn = await connect(url)
         major = int(await conn.fetchval("SHOW server_version_num")) // 10000
         role = str(await conn.fetchval("SELECT current_user"))
-        if major < MIN_SERVER_MAJOR:
+        try:
+            require_server(major, url)
+        except PgTemplateError:
             await conn.close()
-            raise PgTemplateError(
-                f"pytest-pgtemplate: the server at {where(url)} runs PostgreSQL {major}; "
-                f"PostgreSQL {MIN_SERVER_MAJOR} or newer is required (DROP DATABASE ... WITH "
-                "(FORCE)). Point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a newer server.",
-                setting="url",
-            )
+            raise
         return cls(url, conn, major, role)
 
     async def close(self) -> None:
