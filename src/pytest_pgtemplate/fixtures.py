@@ -44,7 +44,7 @@ from .runtime import WorkerDatabase
 from .settings import DEFAULT_DATABASE
 
 if TYPE_CHECKING:
-    from .plugin import PluginState
+    from .state import PluginState
 
 
 class Engines:
@@ -126,7 +126,7 @@ class Lease:
 
 
 def _state(request: pytest.FixtureRequest) -> PluginState:
-    from .plugin import STATE_KEY
+    from .state import STATE_KEY
 
     return request.config.stash[STATE_KEY]
 

@@ -28,14 +28,18 @@ class SweepResult:
     skipped: bool = False  # another process was sweeping
 
 
-async def sweep(admin: Admin, *, keep_templates: int, include_kept: bool) -> SweepResult:
+async def sweep(admin: Admin, *, keep_templates: int, include_kept: bool,
+                wait: float | None = None) -> SweepResult:
     """Drop worker and half-built databases of dead runs (and kept ones if asked), then
     all but the newest ``keep_templates`` templates per prefix that nobody uses.
 
-    Only one process sweeps at a time: a sweeper that finds another at work skips.
+    Only one process sweeps at a time: a sweeper that finds another at work skips, or
+    with ``wait`` (``--pgt-gc``), waits for it at most that many seconds.
     """
     result = SweepResult()
-    if not await admin.unused(SWEEP_LOCK):
+    if wait is not None:
+        await admin.lock(SWEEP_LOCK, wait, "another process's sweep")
+    elif not await admin.unused(SWEEP_LOCK):
         result.skipped = True
         return result
     try:

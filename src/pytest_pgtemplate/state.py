@@ -1,0 +1,171 @@
+"""pytest glue: what the plugin keeps per pytest process, and the terminal it reports to."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+
+from .db import LoopThread, parse_url
+from .errors import PgTemplateError
+from .fixtures import Engines
+from .report import Summary, worker_payload
+from .runtime import Runtime
+from .settings import DEFAULT_DATABASE, Settings
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedServer
+    from .migrate import Migrator
+
+
+# pytest captures fd 2 during tests, and xdist workers' stdout is not the terminal:
+# keep the terminal's stderr, as it was when the plugin loaded, for progress notes.
+try:
+    _TERMINAL_FD: int | None = os.dup(2)
+except OSError:
+    _TERMINAL_FD = None
+
+
+def notify_terminal(message: str) -> None:
+    """A progress note on the terminal, past pytest's capture and xdist's workers."""
+    line = f"pytest-pgtemplate [pid {os.getpid()}]: {message}\n".encode()
+    if _TERMINAL_FD is not None:
+        with contextlib.suppress(OSError):
+            os.write(_TERMINAL_FD, line)
+
+
+T = TypeVar("T")
+
+
+class PluginState:
+    """What the plugin keeps per pytest process (in ``config.stash``).
+
+    The server is the URL the user gave, else an embedded cluster: started lazily by
+    a single process, or by the xdist controller before its workers start (they get its
+    URL, or the error that prevented it, through their environment, then ``workerinput``).
+    """
+
+    def __init__(self, settings: Settings, *, run_id: str, worker: str,
+                 workerinput: dict[str, object] | None) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        self.worker = worker
+        self.server: str | None = settings.url
+        self.server_source = settings.source("url")
+        self.embedded: EmbeddedServer | None = None
+        self.embedded_error: str | None = None
+        self.server_description: str | None = None
+        self.clone_strategy: str | None = None
+        if settings.url is None and workerinput is not None:
+            self.server = _opt_str(workerinput.get("pgtemplate_url"))
+            self.embedded_error = _opt_str(workerinput.get("pgtemplate_error"))
+            self.server_description = _opt_str(workerinput.get("pgtemplate_server"))
+            self.server_source = "embedded server of the xdist controller"
+            self.clone_strategy = "file_copy"
+        self.engines: dict[str, Engines] = {}
+        self.started = time.perf_counter()
+        # Databases every test gets, asked for or not (see pgtemplate_env).
+        self.app_databases: list[str] = []
+        self.warned: set[str] = set()  # warnings given once per process
+        self._runtimes: dict[str, Runtime] = {}
+        self.seed_hook: Callable[[str], tuple[Migrator, ...]] = lambda database: ()
+        self.summary = Summary()
+
+    def controller_info(self) -> dict[str, object]:
+        """What an xdist worker needs to know of the controller's server."""
+        info = {
+            "pgtemplate_url": self.server if self.embedded else None,
+            "pgtemplate_error": self.embedded_error,
+            "pgtemplate_server": self.server_description,
+        }
+        return {key: value for key, value in info.items() if value is not None}
+
+    def start_embedded(self) -> None:
+        """Start the embedded server if no URL is configured (once; errors are kept)."""
+        if self.server is not None or self.embedded_error is not None:
+            return
+        from .embedded import start
+
+        try:
+            self.embedded = start(self.settings.pg_bin, self.settings.source("pg_bin"),
+                                  cache_root=self.settings.embedded_dir)
+        except PgTemplateError as exc:
+            self.embedded_error = str(exc)
+            return
+        self.server = self.embedded.url
+        self.server_source = "embedded server"
+        self.server_description = self.embedded.describe()
+        self.clone_strategy = "file_copy"  # fsync is off there: copying files is fastest
+
+    def runtime(self, config: pytest.Config, database: str = DEFAULT_DATABASE) -> Runtime:
+        """The runtime of one database (the default one, or an extra one), made on first use."""
+        runtime = self._runtimes.get(database)
+        if runtime is None:
+            self.start_embedded()
+            if self.embedded_error is not None:
+                raise PgTemplateError(self.embedded_error)
+            assert self.server is not None
+            url = parse_url(self.server, self.server_source)
+            runtime = Runtime(self.settings.for_database(database), url, run_id=self.run_id,
+                              worker=self.worker, clone_strategy=self.clone_strategy,
+                              notify=notify_terminal, seeds=self.seed_hook(database))
+            self._runtimes[database] = runtime
+        return runtime
+
+    def engines_for(self, database: str) -> Engines:
+        return self.engines.setdefault(database, Engines())
+
+    def call(self, request: pytest.FixtureRequest, func: Callable[[], T]) -> T:
+        """Run ``func``; a PgTemplateError fails the test with our message alone (the
+        driver's traceback stays chained, shown with --tb=long)."""
+        try:
+            return func()
+        except PgTemplateError as exc:
+            if not any(r.timings.template for r in self._runtimes.values()) or exc.setting == "url":
+                # No database could be set up: later tests would fail the same way.
+                request.session.shouldstop = "pytest-pgtemplate could not set up the database"
+            if request.config.option.tbstyle == "long":
+                raise
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
+
+    def current_databases(self) -> list[str]:
+        return [r.current_name for r in self._runtimes.values() if r.current_name is not None]
+
+    def finish(self) -> list[str]:
+        """Tear down; returns the URLs of kept databases."""
+        for engines in self.engines.values():
+            engines.close()
+        kept_urls: list[str] = []
+        for runtime in self._runtimes.values():
+            self.summary.merge(worker_payload(runtime))
+            kept, problems = runtime.close()
+            for problem in problems:
+                notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "
+                                f"{problem} (the next run's sweep drops what is left)")
+            if kept is not None:
+                kept_urls.append(kept.url.set(drivername="postgresql").render_as_string(hide_password=True))
+        return kept_urls
+
+
+def run_once(coro: Coroutine[Any, Any, T]) -> T:
+    loop = LoopThread()
+    try:
+        return loop.run(coro)
+    finally:
+        loop.close()
+
+
+def has_migrator(settings: Settings) -> bool:
+    return any((settings.metadata, settings.migrate, settings.alembic_ini, settings.env,
+                settings.databases)) or (settings.rootdir / "alembic.ini").is_file()
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+STATE_KEY = pytest.StashKey[PluginState]()
