@@ -176,6 +176,15 @@ def test_a_long_build_shows_progress_once_and_waiters_say_what_they_wait_for(pro
     result.stderr.fnmatch_lines(["pytest-pgtemplate [[]pid *[]]: waiting for *building template *"])
 
 
+def test_help_works_even_with_a_bad_setting(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGTEMPLATE_RESET", "bogus")
+    result = project.run("--help")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*--pgt-reset*"])
+    result = project.run("-p", "no:xdist")  # a real run still refuses it
+    result.stderr.fnmatch_lines(["*invalid value 'bogus' for reset (from PGTEMPLATE_RESET)*"])
+
+
 def test_role_without_createdb_gets_a_clear_error(project: Project) -> None:
     with scratch_role(project, "LOGIN NOCREATEDB") as url:
         role = make_url(url).username

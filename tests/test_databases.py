@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from conftest import Project, render_revision
 
 ANALYTICS_ENV_PY = '''
@@ -166,3 +168,84 @@ def test_a_bad_declaration_names_the_setting(project: Project) -> None:
         "is not key=value with a key among alembic_ini, *Set --pgt-databases / PGTEMPLATE_DATABASES "
         "/ pgtemplate_databases*",
     ])
+
+
+SEEDING_CONFTEST = '''
+import psycopg
+
+
+def pytest_pgtemplate_seed(sync_url, database):
+    if database == "default":  # the replica has the same migrations, and no seed
+        with psycopg.connect(sync_url.set(drivername="postgresql").render_as_string(False)) as conn:
+            conn.execute("INSERT INTO customer (name) VALUES ('seeded')")
+
+
+def pytest_pgtemplate_worker_url(url, config, database):
+    pass  # points the app at the default database only: the replica stays unclaimed
+'''
+
+
+def test_seed_hook_with_env_and_two_databases_of_the_same_migrations(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The env var makes the plugin plan its databases before conftest.py (and its hooks)
+    # is loaded; the seed hook must still be used, and only for the database it seeds.
+    monkeypatch.setenv("PGTEMPLATE_ENV", "DATABASE_URL")
+    project.pytester.makeini(textwrap.dedent(f"""
+        [pytest]
+        pgtemplate_prefix = {project.prefix}
+        pgtemplate_databases = replica alembic_ini=alembic.ini reset=clone
+    """))
+    project.pytester.makeconftest(SEEDING_CONFTEST)
+    project.pytester.makepyfile(test_inner='''
+        import pytest
+        from sqlalchemy import text
+
+        @pytest.mark.parametrize("i", range(2))
+        def test_seeded_default_and_plain_replica(pg_sync_session, pg_replica_sync_session, i):
+            count = "select count(*) from customer"
+            assert pg_sync_session.execute(text(count)).scalar() == 1
+            assert pg_replica_sync_session.execute(text(count)).scalar() == 0
+            pg_replica_sync_session.execute(text("insert into customer (name) values ('x')"))
+            pg_replica_sync_session.commit()
+    ''')
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(passed=2)
+    assert "reset=clone cannot reach the app" not in result.stdout.str()  # replica: real clones
+    assert len({n for n in project.databases() if "_tpl_" in n}) == 2
+
+
+def test_a_database_whose_build_fails_leaves_the_others_tests_running(project: Project) -> None:
+    add_analytics(project, extra="")
+    (project.pytester.path / "analytics" / "migrations" / "versions" / "a001_rev.py").write_text(
+        render_revision("a001", None, 'raise RuntimeError("analytics is broken")'))
+    project.pytester.makepyfile(test_inner='''
+        def test_1_analytics(pg_analytics_url):
+            pass
+
+        def test_2_default(pg_sync_url):
+            pass
+
+        def test_3_default(pg_sync_url):
+            pass
+    ''')
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*migration failed in revision a001*analytics is broken*"])
+
+
+def test_each_database_keeps_its_own_templates(project: Project) -> None:
+    add_analytics(project, extra="")
+    project.pytester.makepyfile(test_inner='''
+        def test_both(pg_sync_url, pg_analytics_sync_url):
+            pass
+    ''')
+    args = ("-p", "no:xdist", "--pgt-keep-templates", "1")
+    result = project.run(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["database overhead: * of 1 process(es) x *"])  # 2 databases, 1 process
+    # A new default migration: a new default template; the analytics one is kept, not rebuilt.
+    project.add_revision("0003", "0002", 'op.execute("CREATE TABLE extra (id int)")')
+    project.run(*args).assert_outcomes(passed=1)
+    assert (project.pytester.path / "migrations.log.a").read_text().split() == ["a001"]
+    assert len([n for n in project.databases() if "_tpl_" in n]) == 2

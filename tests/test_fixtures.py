@@ -210,3 +210,27 @@ def test_async_fixtures_run_on_anyios_loop_beside_strict_pytest_asyncio_or_alone
     for plugins in ([], ["-p", "anyio"], ["-p", "no:asyncio", "-W", "ignore::pytest.PytestConfigWarning"]):
         project.run("-p", "no:xdist", *plugins).assert_outcomes(passed=4)
     project.run("-n", "2", "--dist", "loadfile").assert_outcomes(passed=4)  # the module on one worker
+
+
+def test_a_users_own_pg_session_is_used_under_anyio_too(project: Project) -> None:
+    project.pytester.makeconftest('''
+        import pytest
+
+        @pytest.fixture
+        async def pg_session(pg_sessionmaker):   # the project's own, overriding the plugin's
+            async with pg_sessionmaker() as session:
+                session.info["mine"] = True
+                yield session
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+    ''')
+    project.pytester.makepyfile(test_mine='''
+        import pytest
+
+        @pytest.mark.anyio
+        async def test_anyio(pg_session):
+            assert pg_session.info.get("mine")
+    ''')
+    project.run("-p", "no:xdist", "-p", "anyio").assert_outcomes(passed=1)

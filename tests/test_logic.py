@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -94,11 +95,35 @@ def test_extra_databases_parse_into_their_own_settings() -> None:
     ("a env=X", "database 'a' needs alembic_ini=, metadata= or migrate="),
     ("a migrate=m:f prefix=x", "database 'a': 'prefix=x' is not key=value with a key among alembic_ini, "),
     ("a migrate=m:f reset=sometimes", "database 'a': reset='sometimes': expected one of truncate"),
+    ("sync migrate=m:f", "database 'sync': its fixture pg_sync_url would be database 'default''s too"),
+    ("a migrate=m:f; a_sync migrate=m:g", "database 'a_sync': its fixture pg_a_sync_url would be "
+                                          "database 'a''s too"),
+    ("a migrate=m:f env=X; b migrate=m:g env=X", "databases 'a' and 'b' both set env=X"),
 ])
 def test_bad_database_declarations_say_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(ConfigError, match=r"invalid value .* for databases \(from PGTEMPLATE_DATABASES\): "
                        + re.escape(message)):
         resolve(env={"PGTEMPLATE_DATABASES": spec})
+    with pytest.raises(ConfigError, match=re.escape(
+            "database 'a' (from pgtemplate_databases) and the default database (from PGTEMPLATE_ENV) "
+            "both set the environment variable DATABASE_URL; give each its own.")):
+        resolve(env={"PGTEMPLATE_ENV": "DATABASE_URL"},
+                ini={"pgtemplate_databases": "a migrate=m:f env=DATABASE_URL"})
+
+
+def test_a_worker_takes_its_controllers_word_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_pgtemplate import startup
+
+    monkeypatch.setenv(startup.CONTROLLER_ENV, f'{{"pid": {os.getppid()}, "pgtemplate_url": "u"}}')
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run1")
+    assert startup._from_controller() == {
+        "pid": os.getppid(), "pgtemplate_url": "u", "testrunuid": "run1", "workerid": "gw3"}
+    # A pytest run inside this process (pytester) afterwards is not the worker.
+    assert startup._from_controller() is None
+    # Nor is a child of another process that inherited the variable.
+    monkeypatch.setenv(startup.CONTROLLER_ENV, f'{{"pid": {os.getppid() + 1}}}')
+    assert startup._from_controller() is None
 
 
 # -- naming -----------------------------------------------------------------

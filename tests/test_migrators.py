@@ -186,6 +186,26 @@ def test_a_failing_seed_hook_is_reported_once_and_nothing_is_published(project: 
     assert not [n for n in project.databases() if "_tpl_" in n]
 
 
+def test_the_header_survives_user_code_that_raises(project: Project) -> None:
+    (project.pytester.path / "alembic.ini").unlink()
+    use_package(project, "app", models="""
+from sqlalchemy import Column, Integer, MetaData, Table
+from sqlalchemy.types import NullType
+
+metadata = MetaData()
+Table("thing", metadata, Column("id", Integer, primary_key=True), Column("x", NullType()))
+""")
+    set_ini(project, metadata="app.models:metadata")
+    project.pytester.makepyfile(test_db="def test_db(pg_url):\n    pass\n\ndef test_plain():\n    pass\n")
+    result = project.run("-p", "no:xdist")
+    result.stdout.fnmatch_lines(["pgtemplate: template not checked (cannot render the DDL of "
+                                 "app.models:metadata for PostgreSQL (CompileError: *"])
+    result.assert_outcomes(errors=1)  # no INTERNALERROR; the session stops: no database can be built
+    result.stdout.fnmatch_lines(["pytest-pgtemplate: cannot render the DDL of app.models:metadata for "
+                                 "PostgreSQL (CompileError: *); fix the models, or build the template "
+                                 "another way than --pgt-metadata / *"])
+
+
 def test_bad_import_paths_name_the_setting(project: Project) -> None:
     (project.pytester.path / "alembic.ini").unlink()
     set_ini(project, metadata="app.nowhere:Base.metadata")

@@ -40,8 +40,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 
 from .errors import PgTemplateError, PgTemplateWarning
+from .naming import FIXTURE_BASES, fixture_name
 from .runtime import WorkerDatabase
-from .settings import DEFAULT_DATABASE
 
 if TYPE_CHECKING:
     from .state import PluginState
@@ -252,16 +252,6 @@ _FIXTURES: dict[str, tuple[Callable[..., Any], bool]] = {
     "pg_sync_engine": (_sync_engine, False),
     "pg_sync_session": (_sync_session, False),
 }
-# Async fixtures, by the name they have, as plain async functions for anyio (see module doc).
-ANYIO_TWINS: dict[str, Callable[..., Any]] = {}
-
-
-def fixture_name(base: str, database: str) -> str:
-    """``pg_session`` of database ``analytics`` is ``pg_analytics_session``."""
-    if database == DEFAULT_DATABASE:
-        return base
-    head = "_pgt_" if base.startswith("_pgt_") else "pg_"
-    return f"{head}{database}_{base[len(head):]}"
 
 
 def fixtures_for(database: str) -> dict[str, Any]:
@@ -274,7 +264,8 @@ def fixtures_for(database: str) -> dict[str, Any]:
         name = fixture_name(base, database)
         renamed = _renamed(func, name, database)
         if is_async:
-            ANYIO_TWINS[name] = _renamed(func, name, database)
+            # For anyio's tests: an unmarked twin (see plugin.pytest_fixture_setup).
+            renamed.pgtemplate_anyio_twin = _renamed(func, name, database)  # type: ignore[attr-defined]
             made[name] = pytest_asyncio.fixture(name=name)(renamed)
         else:
             made[name] = pytest.fixture(name=name)(renamed)
@@ -286,8 +277,7 @@ def _renamed(func: Callable[..., Any], name: str, database: str) -> Callable[...
     for ``database`` (``pg_engine`` -> ``pg_analytics_engine``).  Always a fresh object, so
     markings that pytest-asyncio puts on one do not reach another."""
     signature = inspect.signature(func)
-    ours = (*_FIXTURES, "_pgt_database")
-    back = {fixture_name(p, database): p for p in signature.parameters if p in ours}
+    back = {fixture_name(p, database): p for p in signature.parameters if p in FIXTURE_BASES}
 
     def args(kwargs: dict[str, object]) -> dict[str, object]:
         return {back.get(k, k): v for k, v in kwargs.items()}
@@ -333,8 +323,10 @@ def _app_databases(request: pytest.FixtureRequest) -> None:
 def common_fixtures() -> dict[str, Any]:
     """The fixtures shared by all databases (the autouse ones of app integration)."""
     return {
-        "_pgt_app_session_database":
-            pytest.fixture(scope="session", autouse=True, name="_pgt_app_session_database")(
+        # Names no database's fixtures can take (those start with "_pgt_" or "pg_").
+        "_pgtemplate_app_session_databases":
+            pytest.fixture(scope="session", autouse=True, name="_pgtemplate_app_session_databases")(
                 _app_session_databases),
-        "_pgt_app_database": pytest.fixture(autouse=True, name="_pgt_app_database")(_app_databases),
+        "_pgtemplate_app_databases":
+            pytest.fixture(autouse=True, name="_pgtemplate_app_databases")(_app_databases),
     }

@@ -64,6 +64,8 @@ def template_lines(state: PluginState) -> list[str]:
 
     try:
         return run_once(check())
-    except PgTemplateError as exc:
-        first = str(exc).split(". ")[0].removeprefix("pytest-pgtemplate: ")
+    except Exception as exc:
+        text = str(exc) if isinstance(exc, PgTemplateError) else f"{type(exc).__name__}: {exc}"
+        first = text.removeprefix("pytest-pgtemplate: ").splitlines()[0]
+        first = first if len(first) <= 160 else first[:157] + "..."
         return [f"pgtemplate: template not checked ({first}); the first test that needs it says more"]

@@ -7,14 +7,17 @@ from sqlalchemy.engine import URL
 
 
 @pytest.hookspec(historic=False)
-def pytest_pgtemplate_worker_url(url: URL, config: pytest.Config, database: str) -> None:
-    """Called once per test process and database, before test modules are imported, with
-    the URL (``postgresql+asyncpg``) of the database this process's tests will use.
+def pytest_pgtemplate_worker_url(url: URL, config: pytest.Config, database: str) -> bool | None:
+    """Called once per test process and database, once conftest.py files are loaded and
+    before test modules are imported, with the URL (``postgresql+asyncpg``) of the database
+    this process's tests will use.
 
     For apps that read host, port, user and database name from separate variables or a
     settings object: point them at ``url`` here.  ``database`` is ``"default"``, or the
-    name of an extra database (``pgtemplate_databases``).  The database itself is created
-    when the first test runs; from then on every test gets it back in the template's state.
+    name of an extra database (``pgtemplate_databases``).  Return True for a database you
+    pointed the app at (for the default database, returning nothing counts too; return
+    False to say you did not): every test then gets that database set up and reset, whether
+    it asks for a fixture or not.  The database itself is created when the first test runs.
     """
 
 

@@ -12,7 +12,7 @@ import asyncio
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +87,6 @@ def _module_source(obj: object) -> bytes:
         return repr(obj).encode()
 
 
-def _function_source(func: Callable[..., object]) -> bytes:
-    try:
-        return inspect.getsource(func).encode()
-    except (TypeError, OSError):
-        return _module_source(func)
-
-
 @dataclass(frozen=True, slots=True)
 class MetadataMigrator:
     """``MetaData.create_all`` on the template; its DDL is the fingerprint input."""
@@ -121,7 +114,15 @@ class MetadataMigrator:
 
         engine = create_mock_engine(URL.create("postgresql+asyncpg"), record)
         dialects.append(engine.dialect)
-        self._metadata().create_all(engine, checkfirst=False)
+        metadata = self._metadata()
+        try:
+            metadata.create_all(engine, checkfirst=False)
+        except Exception as exc:
+            raise ConfigError(
+                f"pytest-pgtemplate: cannot render the DDL of {self.path} for PostgreSQL "
+                f"({type(exc).__name__}: {exc}); fix the models, or build the template another way "
+                f"than {OPTIONS_BY_NAME['metadata'].names()}.", setting="metadata",
+            ) from exc
         return [("metadata-ddl", "\n".join(statements).encode()), ("migrator", self.kind.encode())]
 
     def describe(self) -> str:
@@ -221,25 +222,32 @@ class Seeded:
 
 @dataclass(frozen=True, slots=True)
 class HookSeed:
-    """The ``pytest_pgtemplate_seed`` hook's implementations: called with the template's
-    URLs after migrating; each implementation's source text feeds the fingerprint."""
+    """The ``pytest_pgtemplate_seed`` hook's implementations for one database, called one
+    after the other (in pluggy's order: the last registered first), each awaited before the
+    next when it is a coroutine.  Their modules' source (data constants included) and the
+    database's name feed the fingerprint."""
 
-    call: Callable[[URL, URL], list[object]]  # (url, sync_url) -> the implementations' results
-    functions: tuple[Callable[..., object], ...]
+    implementations: tuple[tuple[Callable[..., object], tuple[str, ...]], ...]  # function, argnames
+    database: str
+    extra: Mapping[str, object]  # what else the hook passes (config)
     kind: str = "seed-hook"
 
     def inputs(self) -> list[tuple[str, bytes]]:
-        return [(f"seed-hook:{f.__module__}.{f.__qualname__}", _function_source(f))
-                for f in self.functions]
+        found = [(f"seed-hook:{f.__module__}.{f.__qualname__}", _module_source(f))
+                 for f, _ in self.implementations]
+        return [*found, ("seed-hook-database", self.database.encode())]
 
     def describe(self) -> str:
-        return "pytest_pgtemplate_seed(" + ", ".join(f.__module__ for f in self.functions) + ")"
+        return "pytest_pgtemplate_seed(" + ", ".join(f.__module__ for f, _ in self.implementations) + ")"
 
     def migrate(self, url: URL, progress: Progress | None = None) -> None:
+        given = {"url": url.set(drivername="postgresql+asyncpg"),
+                 "sync_url": url.set(drivername="postgresql+psycopg"),
+                 "database": self.database, **self.extra}
+
         def call() -> None:
-            results = self.call(url.set(drivername="postgresql+asyncpg"),
-                                url.set(drivername="postgresql+psycopg"))
-            for result in results:
+            for func, argnames in self.implementations:
+                result = func(**{name: given[name] for name in argnames if name in given})
                 if inspect.iscoroutine(result):
                     asyncio.run(result)
 

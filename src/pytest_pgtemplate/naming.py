@@ -85,11 +85,12 @@ class Marker:
     created: float
     format: int = FORMAT_VERSION
     prefix: str = ""
+    database: str = ""  # of a template: which of the project's databases it serves
 
     @classmethod
-    def new(cls, kind: str, fingerprint: str, run: str, prefix: str) -> Marker:
+    def new(cls, kind: str, fingerprint: str, run: str, prefix: str, database: str = "") -> Marker:
         return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time(),
-                   prefix=prefix)
+                   prefix=prefix, database=database)
 
     def text(self) -> str:
         return f"{MARKER_TAG} {json.dumps(asdict(self), sort_keys=True)}"
@@ -104,3 +105,16 @@ class Marker:
             return cls(**data)
         except (ValueError, TypeError):
             return None
+
+
+# Every database's fixtures, under the default database's names (see fixtures.py).
+FIXTURE_BASES = ("_pgt_database", "pg_url", "pg_sync_url", "pg_engine", "_pgt_async_bind",
+                 "pg_sessionmaker", "pg_session", "pg_sync_engine", "pg_sync_session")
+
+
+def fixture_name(base: str, database: str, default: str = "default") -> str:
+    """``pg_session`` of database ``analytics`` is ``pg_analytics_session``."""
+    if database == default:
+        return base
+    head = "_pgt_" if base.startswith("_pgt_") else "pg_"
+    return f"{head}{database}_{base[len(head):]}"

@@ -17,8 +17,8 @@ from sqlalchemy.engine import URL
 from .admin import Admin
 from .db import parse_url, where
 from .errors import PgTemplateError
-from .fixtures import ANYIO_TWINS, fixture_name
 from .header import header_lines
+from .naming import fixture_name
 from .report import format_summary
 from .settings import OPTIONS, RESET_STRATEGIES, Settings
 from .startup import (
@@ -105,6 +105,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "pgtemplate(reset=...): per-test reset strategy (" + "|".join(RESET_STRATEGIES) + ")",
     )
+    if config.option.help or config.option.version:
+        return  # nothing to set up; a bad setting must not hide the help
     state = config.stash.get(STATE_KEY, None)
     workerinput = getattr(config, "workerinput", None)
     if state is None or (workerinput is not None and (state.run_id, state.worker) != (
@@ -112,7 +114,9 @@ def pytest_configure(config: pytest.Config) -> None:
         state = new_state(config, resolve_settings(config))  # loaded by -p, or a mismatch
         config.stash[STATE_KEY] = state
     register_fixtures(config, state.settings)
-    is_controller = workerinput is None and getattr(config.option, "dist", "no") != "no"
+    # As xdist decides: workers are started when there is a dist mode and somewhere to run.
+    is_controller = (workerinput is None and getattr(config.option, "dist", "no") != "no"
+                     and bool(getattr(config.option, "tx", None)))
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
         if is_controller:
@@ -251,7 +255,7 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
         None, object, object]:
     """A test run by anyio's plugin gets our async fixtures run by anyio, on its loop:
     pytest-asyncio (strict mode) leaves them alone when they are not marked as its own."""
-    twin = ANYIO_TWINS.get(fixturedef.argname)
+    twin = getattr(fixturedef.func, "pgtemplate_anyio_twin", None)  # ours, not a user's override
     if twin is None or "anyio_backend" not in request.fixturenames:
         return (yield)
     with pytest.MonkeyPatch.context() as patch:

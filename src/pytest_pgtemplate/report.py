@@ -45,7 +45,6 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
         "reset_seconds": {k: list(v) for k, v in runtime.reset_seconds.items()},
         "databases": [] if runtime.current_name is None else [runtime.current_name],
         "swept": list(runtime.timings.swept),
-        "processes": 1,
     }
 
 

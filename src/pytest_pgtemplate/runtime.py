@@ -48,10 +48,10 @@ class Runtime:
     def __init__(
         self, settings: Settings, server_url: URL, *, run_id: str, worker: str,
         clone_strategy: str | None = None, notify: Callable[[str], None] = notify_stderr,
-        seeds: tuple[Migrator, ...] = (),
+        seeds: Callable[[], tuple[Migrator, ...]] = tuple,
     ) -> None:
         self.settings = settings  # of one database: settings.database names it
-        self.seeds = seeds  # extra seed steps (the pytest_pgtemplate_seed hook)
+        self.seeds = seeds  # extra seed steps (the seed hook), asked for at build time
         self.server_url = server_url
         self.run_id = run_id
         self.worker = worker
@@ -96,13 +96,14 @@ class Runtime:
             self.loop.run(self._admin.hold_shared(run_lock(self.run_id)))
         if self.timings.template is None:
             request = BuildRequest(
-                migrator=make_migrator(self.settings, self.seeds),
+                migrator=make_migrator(self.settings, self.seeds()),
                 prefix=self.settings.prefix,
                 run_id=self.run_id,
                 rebuild=self.settings.rebuild,
                 timeout=self.settings.timeout,
                 notify=self.notify,
                 env_var=self.settings.env,
+                database=self.settings.database,
             )
             self.timings.template = ensure(self.loop, self._admin, request)
             # After the build, so the new template counts among the newest kept.
@@ -193,6 +194,16 @@ class Runtime:
         return "" if self.settings.database == DEFAULT_DATABASE else self.settings.database
 
     @property
+    def failed(self) -> bool:
+        """Set up failed for good: every later test of this process gets the error."""
+        return self._failure is not None
+
+    @property
+    def used(self) -> bool:
+        """This process reached the server for this database."""
+        return self._admin is not None
+
+    @property
     def current_name(self) -> str | None:
         return None if self._db is None else self._db.name
 
@@ -205,8 +216,16 @@ class Runtime:
             return
         try:
             self._recreate()
-        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST) as again:
-            self._failure = again if isinstance(again, PgTemplateError) else lost(self.server_url, again)
+        except PgTemplateError as again:
+            self._failure = again
+        except CONNECTION_LOST as again:
+            self._failure = lost(self.server_url, again)
+        except asyncpg.PostgresError as again:
+            self._failure = PgTemplateError(
+                f"pytest-pgtemplate: after a failed reset, the worker database "
+                f"{self.current_name} could not be re-created from the template "
+                f"({type(again).__name__}: {again}); later tests of this process that need it "
+                "fail with this error.")
 
     def _recreate(self) -> None:
         assert self.timings.template is not None

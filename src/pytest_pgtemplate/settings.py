@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .naming import FIXTURE_BASES, fixture_name
 
 RESET_STRATEGIES = ("truncate", "rollback", "clone", "none")
 DEFAULT_DATABASE = "default"
@@ -260,6 +261,12 @@ def resolve(
         values[opt.name] = opt.default if raw is None else _convert(opt, raw, source, rootdir)
         sources[opt.name] = source
     _validate_prefix(str(values["prefix"]), sources["prefix"])
+    for spec in values["databases"]:  # type: ignore[attr-defined]
+        if values["env"] is not None and spec.values.get("env") == values["env"]:
+            raise ConfigError(
+                f"pytest-pgtemplate: database {spec.name!r} (from {sources['databases']}) and the "
+                f"default database (from {sources['env']}) both set the environment variable "
+                f"{values['env']}; give each its own.", setting="databases")
     return Settings(rootdir=rootdir, sources=sources, **values)  # type: ignore[arg-type]
 
 
@@ -353,7 +360,27 @@ def _to_databases(opt: Option, raw: object, rootdir: Path) -> tuple[DatabaseSpec
             raise ValueError(f"database {name!r} needs alembic_ini=, metadata= or migrate= "
                              "to build its template")
         specs.append(DatabaseSpec(name, values))
+    _check_clashes(specs)
     return tuple(specs)
+
+
+def _check_clashes(specs: list[DatabaseSpec]) -> None:
+    """Two databases must not share a fixture name (``sync``'s ``pg_sync_url`` is the
+    default database's) or an environment variable."""
+    owner = {fixture_name(base, DEFAULT_DATABASE): DEFAULT_DATABASE for base in FIXTURE_BASES}
+    envs: dict[object, str] = {}
+    for spec in specs:
+        for base in FIXTURE_BASES:
+            name = fixture_name(base, spec.name)
+            if name in owner:
+                raise ValueError(f"database {spec.name!r}: its fixture {name} would be database "
+                                 f"{owner[name]!r}'s too; choose another name")
+            owner[name] = spec.name
+        env = spec.values.get("env")
+        if env is not None and env in envs:
+            raise ValueError(f"databases {envs[env]!r} and {spec.name!r} both set env={env}")
+        if env is not None:
+            envs[env] = spec.name
 
 
 def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:

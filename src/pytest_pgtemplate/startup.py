@@ -17,7 +17,7 @@ from .errors import ConfigError, PgTemplateError
 from .fixtures import common_fixtures, fixtures_for
 from .migrate import Migrator
 from .migrators import HookSeed
-from .settings import OPTIONS, Settings, resolve
+from .settings import DEFAULT_DATABASE, OPTIONS, Settings, resolve
 from .state import STATE_KEY, PluginState, has_migrator
 
 
@@ -26,7 +26,7 @@ def early_setup(early_config: pytest.Config) -> None:
     variable (``pgtemplate_env``), so an app whose engine is built at import time, even
     when a conftest.py imports it, uses the worker database."""
     ns = early_config.known_args_namespace
-    if getattr(ns, "pgt_list", False) or getattr(ns, "pgt_gc", False):
+    if any(getattr(ns, flag, False) for flag in ("pgt_list", "pgt_gc", "help", "version")):
         return
     state = new_state(early_config, resolve_settings(early_config, early=True))
     early_config.stash[STATE_KEY] = state
@@ -65,6 +65,8 @@ def _from_controller() -> dict[str, object] | None:
         return None
     info["testrunuid"] = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
     info["workerid"] = os.environ["PYTEST_XDIST_WORKER"]
+    # Once: a pytest run inside this worker's process (pytester) is not the worker.
+    del os.environ[CONTROLLER_ENV]
     return info
 
 
@@ -89,17 +91,13 @@ def register_fixtures(config: pytest.Config, settings: Settings) -> None:
 
 
 def _seed_hook(config: pytest.Config, database: str) -> tuple[Migrator, ...]:
-    """The ``pytest_pgtemplate_seed`` implementations, as a seed step of ``database``."""
+    """The ``pytest_pgtemplate_seed`` implementations, as a seed step of ``database``
+    (asked for when the template is built: conftest.py files are loaded by then)."""
     impls = config.hook.pytest_pgtemplate_seed.get_hookimpls()
     if not impls:
         return ()
-
-    def call(url: URL, sync_url: URL) -> list[object]:
-        results: list[object] = config.hook.pytest_pgtemplate_seed(
-            url=url, sync_url=sync_url, config=config, database=database)
-        return results
-
-    return (HookSeed(call, tuple(impl.function for impl in impls)),)
+    ordered = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+    return (HookSeed(ordered, database, {"config": config}),)
 
 
 def point_env_vars(config: pytest.Config, state: PluginState) -> None:
@@ -120,8 +118,11 @@ def call_worker_url_hook(config: pytest.Config, state: PluginState) -> None:
         return
     for database in state.settings.database_names:
         url = _planned_url(config, state, database)
-        config.hook.pytest_pgtemplate_worker_url(url=url, config=config, database=database)
-        if database not in state.app_databases:
+        answers = config.hook.pytest_pgtemplate_worker_url(url=url, config=config, database=database)
+        # The app found this database through the hook: an implementation said True, or
+        # (the default database; hooks written for one database return nothing) none said False.
+        claimed = True in answers or (database == DEFAULT_DATABASE and False not in answers)
+        if claimed and database not in state.app_databases:
             state.app_databases.append(database)
 
 

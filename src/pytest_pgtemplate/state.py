@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -112,7 +113,8 @@ class PluginState:
             url = parse_url(self.server, self.server_source)
             runtime = Runtime(self.settings.for_database(database), url, run_id=self.run_id,
                               worker=self.worker, clone_strategy=self.clone_strategy,
-                              notify=notify_terminal, seeds=self.seed_hook(database))
+                              notify=notify_terminal,
+                              seeds=functools.partial(self.seed_hook, database))
             self._runtimes[database] = runtime
         return runtime
 
@@ -125,12 +127,20 @@ class PluginState:
         try:
             return func()
         except PgTemplateError as exc:
-            if not any(r.timings.template for r in self._runtimes.values()) or exc.setting == "url":
+            if exc.setting == "url" or self._nothing_works():
                 # No database could be set up: later tests would fail the same way.
                 request.session.shouldstop = "pytest-pgtemplate could not set up the database"
             if request.config.option.tbstyle == "long":
                 raise
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
+
+    def _nothing_works(self) -> bool:
+        """Every declared database failed (or the server did not start): stop the session.
+        One database failing leaves the tests of the others running."""
+        if self.embedded_error is not None:
+            return True
+        runtimes = [self._runtimes.get(name) for name in self.settings.database_names]
+        return all(r is not None and r.failed for r in runtimes)
 
     def current_databases(self) -> list[str]:
         return [r.current_name for r in self._runtimes.values() if r.current_name is not None]
@@ -140,6 +150,8 @@ class PluginState:
         for engines in self.engines.values():
             engines.close()
         kept_urls: list[str] = []
+        if any(runtime.used for runtime in self._runtimes.values()):
+            self.summary.processes += 1  # once per process, whatever its databases
         for runtime in self._runtimes.values():
             self.summary.merge(worker_payload(runtime))
             kept, problems = runtime.close()

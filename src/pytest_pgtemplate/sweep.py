@@ -64,12 +64,13 @@ def _is_leftover(row: DatabaseRow, include_kept: bool) -> bool:
 
 
 def _surplus_templates(rows: list[DatabaseRow], keep: int) -> list[DatabaseRow]:
-    by_prefix: dict[str, list[DatabaseRow]] = defaultdict(list)
+    """Per prefix and database (a project's second database keeps templates of its own)."""
+    groups: dict[tuple[str, str], list[DatabaseRow]] = defaultdict(list)
     for row in rows:
         if row.marker is not None and row.marker.kind == TEMPLATE:
-            by_prefix[row.marker.prefix].append(row)
+            groups[row.marker.prefix, row.marker.database].append(row)
     surplus: list[DatabaseRow] = []
-    for group in by_prefix.values():
+    for group in groups.values():
         group.sort(key=lambda r: r.marker.created if r.marker else 0.0, reverse=True)
         surplus += group[keep:]
     return surplus

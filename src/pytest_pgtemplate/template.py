@@ -62,6 +62,7 @@ class BuildRequest:
     timeout: float
     notify: Callable[[str], None] = notify_stderr
     env_var: str | None = None
+    database: str = ""  # which of the project's databases (the sweep keeps templates per one)
 
 
 def lock_dir() -> Path:
@@ -204,7 +205,7 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
         with temporary_env(request.env_var, target), _ticking(request, name, progress):
             request.migrator.migrate(target, progress)
         tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
-        marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix)
+        marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix, request.database)
         loop.run(admin.drop_ours(name))  # the template being rebuilt, if any
         loop.run(admin.finalize_template(building, name, marker))
     except BaseException:

@@ -116,8 +116,8 @@ BEGIN
       -- make the reset wait, and a blocked reset names them.
       AND EXISTS (SELECT FROM pg_roles me, pg_roles them
                   WHERE me.rolname = current_user AND them.oid = pg_stat_get_backend_userid(id)
-                    AND (me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(them.oid, 'MEMBER')
-                                         OR pg_has_role('pg_signal_backend', 'MEMBER')))));
+                    AND (me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(them.oid, 'USAGE')
+                                         OR pg_has_role('pg_signal_backend', 'USAGE')))));
     SELECT coalesce(array_agg(relid), '{}') INTO dirty FROM _pgtemplate.dirty;
     IF cardinality(dirty) > 0 THEN
         IF replica THEN
