@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from conftest import SERVER_URL, Project
 
@@ -94,8 +97,9 @@ def test_env_py_that_migrates_another_database_is_caught(project: Project) -> No
     result.assert_outcomes(errors=1)  # the session stops at the first setup failure
     result.stdout.fnmatch_lines([
         "*pytest-pgtemplate: Alembic ran but did not migrate database *_bld_* (no "
-        "alembic_version table there): env.py probably connects to a database of its own, e.g. a URL "
-        "your app's settings read at import time. Make env.py use config.get_main_option('sqlalchemy.url') "
+        "alembic_version table there): env.py probably connects to a database of its own (and migrated "
+        "that one: check it), e.g. a URL your app's settings read at import time. Make env.py use "
+        "config.get_main_option('sqlalchemy.url') "
         "or config.attributes[[]'connection'[]], or read the environment variable when env.py runs and "
         "name it in pgtemplate_env (while migrating it points at the database being built).*"
     ])
@@ -146,30 +150,57 @@ def test_check_downgrade_runs_env_py_that_reads_the_apps_variable_on_the_scratch
     assert project.migrations_run() == 3  # check: up, up again; then the template
 
 
-def test_check_downgrade_never_downgrades_a_database_env_py_found_by_itself(
-    project: Project, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    use_app_settings_env_py(project)
+@contextmanager
+def developer_database(project: Project) -> Iterator[URL]:
+    """A database of the developer's own (scratch), holding a row that must survive."""
     scratch = f"scratch_{project.prefix}"
     with psycopg.connect(SERVER_URL, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {scratch}")
+    url = make_url(SERVER_URL).set(database=scratch)
     try:
-        url = make_url(SERVER_URL).set(database=scratch)
         with psycopg.connect(url.render_as_string(False), autocommit=True) as conn:
             conn.execute("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')")
-        monkeypatch.setenv("APP_DB_URL", url.render_as_string(False))  # the developer's own database
-        result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
-        result.assert_outcomes(errors=1)
-        result.stdout.fnmatch_lines(["*Alembic ran but did not migrate database *_bld_* (no alembic_version*"])  # noqa: E501
-        with psycopg.connect(url.render_as_string(False), autocommit=True) as conn:
-            assert conn.execute("SELECT v FROM precious").fetchall() == [("keep me",)]
-            # env.py upgraded it (its own doing) but nothing downgraded it afterwards.
-            assert conn.execute("SELECT to_regclass('customer') IS NOT NULL").fetchone() == (True,)
-        assert project.migrations_run() == 1  # no downgrade base + upgrade heads after it
-        assert project.databases() == []
+        yield url
     finally:
         with psycopg.connect(SERVER_URL, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {scratch} WITH (FORCE)")
+
+
+def tables_of(url: URL) -> list[str]:
+    with psycopg.connect(url.render_as_string(False), autocommit=True) as conn:
+        assert conn.execute("SELECT v FROM precious").fetchall() == [("keep me",)]
+        return [r[0] for r in conn.execute(
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace "
+            "ORDER BY 1").fetchall()]
+
+
+def test_env_py_reading_a_variable_that_names_the_developers_database_never_migrates_it(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_app_settings_env_py(project)  # env.py: the URL in APP_DB_URL; no pgtemplate_env
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_URL", url.render_as_string(False))
+        result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
+        result.assert_outcomes(passed=1)
+        result.stderr.fnmatch_lines(["*env.py reads APP_DB_URL, which names another database: it points "
+                                     "at the database being built while migrating. Set pgtemplate_env = "
+                                     "APP_DB_URL so the tests use the worker database too."])
+        assert tables_of(url) == ["precious"]  # untouched: no alembic_version, no customer
+
+
+def test_check_downgrade_never_downgrades_a_database_env_py_found_by_itself(project: Project) -> None:
+    use_app_settings_env_py(project)
+    with developer_database(project) as url:
+        env_py = project.pytester.path / "migrations" / "env.py"  # the URL written in env.py itself
+        env_py.write_text(env_py.read_text().replace(
+            'os.environ["APP_DB_URL"]', repr(url.render_as_string(False))))
+        result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*Alembic ran but did not migrate database *_bld_* (no alembic_version*"])  # noqa: E501
+        # env.py upgraded it (its own doing) but nothing downgraded it afterwards.
+        assert tables_of(url) == ["alembic_version", "customer", "precious"]
+        assert project.migrations_run() == 1  # no downgrade base + upgrade heads after it
+        assert project.databases() == []
 
 
 def test_alembic_ini_given_by_setting_with_relative_script_location(project: Project) -> None:

@@ -100,7 +100,7 @@ def test_broken_migration_is_reported_once_and_retried_next_run(
     result = project.run(*xdist)
     assert result.ret != 0
     result.stdout.fnmatch_lines([
-        "*pytest-pgtemplate: migration failed in revision 0003 (migrations/versions/0003_rev.py): "
+        "*pytest-pgtemplate: migration failed in revision 0003 (migrations/versions/0003_rev.py, line 15): "
         "RuntimeError: boom in 0003. The template was not published; fix the migration and run again*"
     ])
     assert project.log.read_text().count("0003") == 1  # one attempt for the whole run

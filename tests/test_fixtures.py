@@ -143,16 +143,25 @@ def test_c(pg_sync_session):
 @pytest.mark.pgtemplate(reset="sometimes")
 def test_bad_marker(pg_sync_session):
     pass
+
+
+@pytest.mark.pgtemplate(rest="clone")
+def test_misspelt_marker(pg_sync_session):
+    pass
 '''
 
 
 def test_marker_overrides_reset_for_one_test_and_is_validated(project: Project) -> None:
     project.pytester.makepyfile(test_marker=MARKER_SUITE)
     result = project.run("-p", "no:xdist")
-    result.assert_outcomes(passed=3, errors=1)
+    result.assert_outcomes(passed=3, errors=2)
     result.stdout.fnmatch_lines([
         "*pytest-pgtemplate: @pytest.mark.pgtemplate(reset='sometimes'): expected one of truncate, "
         "rollback, clone, none*"
+    ])
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: bad marker @pytest.mark.pgtemplate(rest='clone'): it takes one keyword, "
+        "reset; use @pytest.mark.pgtemplate(reset=\"clone\") (or truncate, rollback, none)*"
     ])
 
 

@@ -92,7 +92,10 @@ def test_extra_databases_parse_into_their_own_settings() -> None:
     ("Analytics migrate=m:f", "database name 'Analytics': use 1-16 lowercase"),
     ("default migrate=m:f", "database name 'default'"),
     ("a migrate=m:f;a migrate=m:g", "database 'a' is declared twice"),
-    ("a env=X", "database 'a' needs alembic_ini=, metadata= or migrate="),
+    ("a env=X", "database 'a' needs one of alembic_ini=, metadata= or migrate= to build its "
+                "template (it sets none)"),
+    ("a migrate=m:f metadata=m:md", "database 'a' needs one of alembic_ini=, metadata= or migrate= "
+                                    "to build its template (it sets metadata, migrate)"),
     ("a migrate=m:f prefix=x", "database 'a': 'prefix=x' is not key=value with a key among alembic_ini, "),
     ("a migrate=m:f reset=sometimes", "database 'a': reset='sometimes': expected one of truncate"),
     ("sync migrate=m:f", "database 'sync': its fixture pg_sync_url would be database 'default''s too"),
@@ -109,6 +112,22 @@ def test_bad_database_declarations_say_what_is_wrong(spec: str, message: str) ->
             "both set the environment variable DATABASE_URL; give each its own.")):
         resolve(env={"PGTEMPLATE_ENV": "DATABASE_URL"},
                 ini={"pgtemplate_databases": "a migrate=m:f env=DATABASE_URL"})
+
+
+def test_env_setting_takes_an_optional_scheme() -> None:
+    from pytest_pgtemplate.appenv import app_url, split_env
+
+    assert resolve(env={"PGTEMPLATE_ENV": " DB_URL=postgresql+psycopg2 "}).env == "DB_URL=postgresql+psycopg2"
+    assert split_env("DB_URL=postgresql+psycopg2") == ("DB_URL", "postgresql+psycopg2")
+    assert split_env("DB_URL") == ("DB_URL", None)
+    url = parse_url("postgresql://u:pw@h:5/db", "test")
+    assert app_url(url, "postgres://old@x/y") == "postgres://u:pw@h:5/db"  # the variable's own
+    assert app_url(url, "postgres://old@x/y", "postgresql+psycopg2") == "postgresql+psycopg2://u:pw@h:5/db"
+    assert app_url(url, None) == "postgresql+asyncpg://u:pw@h:5/db"
+    for bad, why in (("DB-URL", "is not an environment variable name"),
+                     ("DB_URL=mysql", "is not a PostgreSQL URL scheme")):
+        with pytest.raises(ConfigError, match=why):
+            resolve(env={"PGTEMPLATE_ENV": bad})
 
 
 def test_a_worker_takes_its_controllers_word_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,6 +201,22 @@ def test_fingerprint_changes_with_bytes_and_renames_not_with_location(tmp_path: 
     assert fp(b) != base
     inputs = fingerprint.tree_inputs(b, "scripts")
     assert fingerprint.compute(inputs, server_major=15) != fingerprint.compute(inputs, server_major=16)
+
+
+def test_alembic_fingerprint_does_not_depend_on_where_the_project_lives(tmp_path: Path) -> None:
+    from pytest_pgtemplate.migrate import AlembicMigrator
+
+    def project(root: Path) -> str:
+        (root / "migrations" / "versions").mkdir(parents=True)
+        (root / "migrations" / "env.py").write_text("pass\n")
+        (root / "migrations" / "versions" / "0001.py").write_text("revision = '0001'\ndown_revision = None\n")
+        (root / "alembic.ini").write_text(  # alembic init's own way of writing it
+            "[alembic]\nscript_location = %(here)s/migrations\npath_separator = os\n"
+            "version_locations = %(here)s/migrations/versions\n")
+        inputs = AlembicMigrator(root / "alembic.ini").inputs()
+        return fingerprint.compute(inputs, server_major=15)
+
+    assert project(tmp_path / "checkout-1") == project(tmp_path / "ci" / "checkout-2")
 
 
 # -- reset ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import ISOLATION_SUITE, SERVER_URL, Project, databases_like
+from conftest import ISOLATION_SUITE, SERVER_URL, Project, databases_like, drop_marked
 
 SLOW_SUITE = '''
 import os, time
@@ -181,11 +181,19 @@ def test_list_and_gc_commands(project: Project) -> None:
         f"{project.prefix}_tpl_*  template  fingerprint *  run * (* pid *, unused)  age * s  * MB",
         f"{project.prefix}_w_*_main  kept  fingerprint *  run * (* pid *, dead)  age * s  * MB",
     ])
-    gc = project.run("--pgt-gc", "--pgt-keep-templates", "1")
-    assert gc.ret == 0
-    gc.stdout.fnmatch_lines([f"dropped {project.prefix}_w_*_main"])
-    assert [db for db in project.databases() if "_w_" in db] == []
-    assert len([db for db in project.databases() if "_tpl_" in db]) == 1
+    # Another project on the same server (another prefix) keeps a database of its own.
+    other = project.prefix[:-1] + "z"
+    try:
+        project.run("-p", "no:xdist", "--pgt-keep", "--pgt-prefix", other).assert_outcomes(passed=11)
+        gc = project.run("--pgt-gc", "--pgt-keep-templates", "1")
+        assert gc.ret == 0
+        gc.stdout.fnmatch_lines([f"dropped {project.prefix}_w_*_main"])
+        assert [db for db in project.databases() if "_w_" in db] == []
+        assert len([db for db in project.databases() if "_tpl_" in db]) == 1
+        # gc leaves the other prefix's kept database and template alone.
+        assert sorted(db.split("_")[1] for db in databases_like(other)) == ["tpl", "w"]
+    finally:
+        drop_marked(other)
 
 
 def test_old_templates_beyond_the_newest_n_are_pruned(project: Project) -> None:

@@ -30,11 +30,17 @@ COMMAND_TIMEOUT = 300.0
 APPLICATION_NAME = f"pytest-pgtemplate {socket.gethostname()[:20]} pid {os.getpid()}"
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    return str(exc) or type(exc).__name__
+
+
 def lost(url: URL, exc: BaseException) -> PgTemplateError:
     """The message for a connection that died or stopped answering mid-run."""
     return PgTemplateError(
         f"pytest-pgtemplate: lost the connection to PostgreSQL at {where(url)} "
-        f"({type(exc).__name__}: {exc}); is the server still running? Check it, or "
+        f"({type(exc).__name__}: {_reason(exc)}); is the server still running? Check it, or "
         "--pgt-url / PGTEMPLATE_URL / pgtemplate_url.",
         setting="url",
     )
@@ -116,7 +122,8 @@ async def connect(url: URL, database: str | None = None) -> asyncpg.Connection:
         )
     except (OSError, asyncio.TimeoutError) as exc:
         raise PgTemplateError(
-            f"pytest-pgtemplate: cannot reach PostgreSQL at {where(target)} ({exc or type(exc).__name__}). "
+            f"pytest-pgtemplate: cannot reach PostgreSQL at {where(target)} "
+            f"({_reason(exc)}). "
             "Start the server, or point --pgt-url / PGTEMPLATE_URL / pgtemplate_url at a running one.",
             setting="url",
         ) from exc

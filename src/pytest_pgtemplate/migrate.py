@@ -15,7 +15,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from .appenv import temporary_env
 from .errors import ConfigError, PgTemplateError
 from .fingerprint import tree_inputs
 
@@ -40,6 +41,7 @@ class Progress:
     step: str = ""
     done: int = 0
     total: int | None = None
+    notes: list[str] = field(default_factory=list)  # for the person watching, once
 
     def describe(self) -> str:
         if not self.done:
@@ -148,13 +150,18 @@ class AlembicMigrator:
 
     def inputs(self) -> list[tuple[str, bytes]]:
         cfg = Config(str(self.ini))  # as written: _config() makes paths absolute
+
+        def portable(value: str) -> str:
+            # %(here)s is expanded: the project's location must not change the fingerprint.
+            return value.replace(str(self.ini.parent), "%(here)s")
+
         found = tree_inputs(self.script_dir(), "scripts")
         for extra in (cfg.get_main_option("version_locations") or "").replace(",", " ").split():
             path = Path(extra) if Path(extra).is_absolute() else self.ini.parent / extra
             if path.is_dir():
-                found += tree_inputs(path, f"versions:{extra}")
+                found += tree_inputs(path, f"versions:{portable(extra)}")
         options = sorted(
-            (k, v) for k, v in cfg.get_section(cfg.config_ini_section, {}).items()
+            (k, portable(v)) for k, v in cfg.get_section(cfg.config_ini_section, {}).items()
             if k not in ("sqlalchemy.url", "here")
         )
         found.append(("alembic-options", repr(options).encode()))
@@ -181,9 +188,16 @@ class AlembicMigrator:
         wants_connection = _reads_shared_connection(script_dir / "env.py")
         target = _driver_url(cfg, url)
         cfg.set_main_option("sqlalchemy.url", target.render_as_string(False).replace("%", "%%"))
+        elsewhere = _variables_naming_other_databases(script_dir / "env.py", url)
+        for name in elsewhere:
+            progress.notes.append(
+                f"env.py reads {name}, which names another database: it points at the database "
+                f"being built while migrating. Set pgtemplate_env = {name} so the tests use the "
+                "worker database too.")
 
         def body() -> None:
-            with _preserved_logging(), _cwd(self.ini.parent), _watching(progress):
+            with (_preserved_logging(), _cwd(self.ini.parent), _watching(progress),
+                  temporary_env(elsewhere, url)):
                 if wants_connection:
                     asyncio.run(_with_connection(cfg, url, action))
                 else:
@@ -205,12 +219,61 @@ async def require_alembic_ran(conn: asyncpg.Connection, database: str) -> None:
     ):
         raise PgTemplateError(
             f"pytest-pgtemplate: Alembic ran but did not migrate database {database} (no "
-            "alembic_version table there): env.py probably connects to a database of its own, "
-            "e.g. a URL your app's settings read at import time. Make env.py use "
+            "alembic_version table there): env.py probably connects to a database of its own "
+            "(and migrated that one: check it), e.g. a URL your app's settings read at import "
+            "time. Make env.py use "
             "config.get_main_option('sqlalchemy.url') or config.attributes['connection'], or "
             "read the environment variable when env.py runs and name it in pgtemplate_env "
             "(while migrating it points at the database being built)."
         )
+
+
+def _variables_naming_other_databases(env_py: Path, url: URL) -> list[str]:
+    """Environment variables env.py reads (``os.environ["X"]``, ``os.getenv("X")``,
+    ``os.environ.get("X")``) that hold a PostgreSQL URL of another database than ``url``:
+    Alembic must not migrate a developer's own database by way of them."""
+    try:
+        tree = ast.parse(env_py.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    found: list[str] = []
+    for name in _environment_reads(tree):
+        value = os.environ.get(name)
+        try:
+            other = make_url(value) if value else None
+        except Exception:  # not a URL: not a database env.py could migrate
+            other = None
+        if other is None or not other.drivername.startswith(("postgresql", "postgres")):
+            continue
+        same = (other.host, other.port, other.database) == (url.host, url.port, url.database)
+        if not same and name not in found:
+            found.append(name)
+    return found
+
+
+def _environment_reads(tree: ast.AST) -> list[str]:
+    def is_environ(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+            isinstance(node, ast.Name) and node.id == "environ")
+
+    def constant(node: ast.expr) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and is_environ(node.value):
+            name = constant(node.slice)
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            getenv = (isinstance(func, ast.Attribute) and func.attr == "getenv") or (
+                isinstance(func, ast.Name) and func.id == "getenv")
+            environ_get = isinstance(func, ast.Attribute) and func.attr == "get" and is_environ(func.value)
+            name = constant(node.args[0]) if getenv or environ_get else None
+        else:
+            name = None
+        if name is not None:
+            names.append(name)
+    return names
 
 
 def _reads_shared_connection(env_py: Path) -> bool:
@@ -259,19 +322,25 @@ def _driver_url(cfg: Config, url: URL) -> URL:
 def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
     """Name the revision (and file) whose code raised, from the traceback."""
     culprit: Path | None = None
+    line: int | None = None
     if isinstance(exc, SyntaxError) and exc.filename and script_dir in Path(exc.filename).parents:
-        culprit = Path(exc.filename)  # never ran: no frame of it in the traceback
-    for frame, _line in traceback.walk_tb(exc.__traceback__):
+        culprit, line = Path(exc.filename), exc.lineno  # never ran: no frame of it in the traceback
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
         path = Path(frame.f_code.co_filename)
         if path.name != "env.py" and script_dir in path.parents:
-            culprit = path
+            culprit, line = path, lineno
     where = "while running env.py"
     if culprit is not None:
         revision = _revision_id(culprit)
-        where = f"in revision {revision} ({culprit.relative_to(script_dir.parent)})"
+        at = f", line {line}" if line else ""
+        where = f"in revision {revision} ({culprit.relative_to(script_dir.parent)}{at})"
+    hint = ""
+    if type(exc).__name__ == "MissingGreenlet":
+        hint = (" A sync engine got an async driver's URL: if env.py reads the variable of "
+                "pgtemplate_env, name the scheme it needs there (e.g. DATABASE_URL=postgresql+psycopg).")
     return PgTemplateError(
-        f"pytest-pgtemplate: migration failed {where}: {type(exc).__name__}: {exc}. "
-        "The template was not published; fix the migration and run again."
+        f"pytest-pgtemplate: migration failed {where}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+        f"The template was not published; fix the migration and run again.{hint}"
     )
 
 

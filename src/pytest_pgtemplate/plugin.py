@@ -81,7 +81,8 @@ async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
     try:
         if not gc:
             return await describe(admin) or [f"no databases of pytest-pgtemplate on {where(url)}"]
-        result = await sweep(admin, keep_templates=settings.keep_templates, include_kept=True,
+        result = await sweep(admin, prefix=settings.prefix, keep_templates=settings.keep_templates,
+                             include_kept=True,
                              wait=settings.timeout)
         return [f"dropped {name}" for name in result.dropped] or ["nothing to drop"]
     finally:
@@ -154,9 +155,11 @@ def marker_reset(marker: pytest.Mark) -> str:
 
     try:
         reset = signature(*marker.args, **marker.kwargs)
-    except TypeError as exc:
+    except TypeError:
+        given = ", ".join([*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())])
         pytest.fail(
-            f"pytest-pgtemplate: bad marker {marker}: {exc}; use @pytest.mark.pgtemplate(reset=...)",
+            f"pytest-pgtemplate: bad marker @pytest.mark.pgtemplate({given}): it takes one keyword, "
+            "reset; use @pytest.mark.pgtemplate(reset=\"clone\") (or truncate, rollback, none)",
             pytrace=False,
         )
     if reset not in RESET_STRATEGIES:

@@ -67,6 +67,7 @@ class Runtime:
         self._reset_failures = 0
         self.reset_seconds: dict[str, list[float]] = {}  # per strategy; clone: the wait
         self.generation = 0  # bumped when the worker database is re-created
+        self.app_found = False  # the app reaches this database by itself (pgtemplate_env, hook)
 
     @property
     def loop(self) -> LoopThread:
@@ -107,7 +108,8 @@ class Runtime:
             )
             self.timings.template = ensure(self.loop, self._admin, request)
             # After the build, so the new template counts among the newest kept.
-            swept = self.loop.run(sweep(self._admin, keep_templates=self.settings.keep_templates,
+            swept = self.loop.run(sweep(self._admin, prefix=self.settings.prefix,
+                                        keep_templates=self.settings.keep_templates,
                                         include_kept=False))
             self.timings.swept.extend(swept.dropped)
         return self._clone(self.timings.template)
@@ -174,11 +176,14 @@ class Runtime:
         if ddl is not None:
             start = time.perf_counter()
             self._recreate()
+            advice = (
+                "The app's own pooled connections to it were closed with it: give its engine "
+                "pool_pre_ping=True, or dispose of it after each test." if self.app_found else
+                "Give such tests @pytest.mark.pgtemplate(reset=\"clone\") to say so.")
             warnings.warn(PgTemplateWarning(
                 f"pytest-pgtemplate: the test changed the schema ({ddl}); a truncate reset cannot undo "
                 f"that, so the worker database was re-created from the template "
-                f"({(time.perf_counter() - start) * 1000:.0f} ms). Give such tests "
-                "@pytest.mark.pgtemplate(reset=\"clone\") to say so."
+                f"({(time.perf_counter() - start) * 1000:.0f} ms). {advice}"
             ), stacklevel=1)
 
     def planned_database(self) -> URL:

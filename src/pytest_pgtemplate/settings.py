@@ -28,7 +28,7 @@ class Option:
 
     name: str
     help: str
-    kind: str = "str"  # str | bool | int | float | path | choice | list | databases
+    kind: str = "str"  # str | bool | int | float | path | choice | list | databases | env
     default: object = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -120,8 +120,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "env",
         "Name of an environment variable (e.g. DATABASE_URL) set to the worker database's URL in "
-        "every process before test modules are imported, and to the template's while migrating.",
-        metavar="NAME",
+        "every process before conftest.py files and test modules are imported, and to the "
+        "template's while migrating; NAME=SCHEME picks the URL scheme (e.g. "
+        "DATABASE_URL=postgresql+psycopg2; default: the variable's own, else postgresql+asyncpg).",
+        kind="env",
+        metavar="NAME[=SCHEME]",
     ),
     Option(
         "databases",
@@ -261,12 +264,13 @@ def resolve(
         values[opt.name] = opt.default if raw is None else _convert(opt, raw, source, rootdir)
         sources[opt.name] = source
     _validate_prefix(str(values["prefix"]), sources["prefix"])
+    default_env = str(values["env"]).partition("=")[0] if values["env"] is not None else None
     for spec in values["databases"]:  # type: ignore[attr-defined]
-        if values["env"] is not None and spec.values.get("env") == values["env"]:
+        if default_env is not None and str(spec.values.get("env")).partition("=")[0] == default_env:
             raise ConfigError(
                 f"pytest-pgtemplate: database {spec.name!r} (from {sources['databases']}) and the "
                 f"default database (from {sources['env']}) both set the environment variable "
-                f"{values['env']}; give each its own.", setting="databases")
+                f"{default_env}; give each its own.", setting="databases")
     return Settings(rootdir=rootdir, sources=sources, **values)  # type: ignore[arg-type]
 
 
@@ -356,9 +360,10 @@ def _to_databases(opt: Option, raw: object, rootdir: Path) -> tuple[DatabaseSpec
                 values[key] = _CONVERTERS[sub.kind](sub, value, rootdir)
             except ValueError as exc:
                 raise ValueError(f"database {name!r}: {key}={value!r}: {exc}") from None
-        if not any(key in values for key in ("alembic_ini", "metadata", "migrate")):
-            raise ValueError(f"database {name!r} needs alembic_ini=, metadata= or migrate= "
-                             "to build its template")
+        builders = [key for key in ("alembic_ini", "metadata", "migrate") if key in values]
+        if len(builders) != 1:
+            raise ValueError(f"database {name!r} needs one of alembic_ini=, metadata= or migrate= "
+                             f"to build its template (it sets {', '.join(builders) or 'none'})")
         specs.append(DatabaseSpec(name, values))
     _check_clashes(specs)
     return tuple(specs)
@@ -376,11 +381,20 @@ def _check_clashes(specs: list[DatabaseSpec]) -> None:
                 raise ValueError(f"database {spec.name!r}: its fixture {name} would be database "
                                  f"{owner[name]!r}'s too; choose another name")
             owner[name] = spec.name
-        env = spec.values.get("env")
+        env = str(spec.values["env"]).partition("=")[0] if "env" in spec.values else None
         if env is not None and env in envs:
             raise ValueError(f"databases {envs[env]!r} and {spec.name!r} both set env={env}")
         if env is not None:
             envs[env] = spec.name
+
+
+def _to_env(opt: Option, raw: object, rootdir: Path) -> str:
+    name, _, scheme = str(raw).strip().partition("=")
+    if not name.isidentifier() or not name.isascii():
+        raise ValueError(f"{name!r} is not an environment variable name")
+    if scheme and not scheme.startswith(("postgresql", "postgres")):
+        raise ValueError(f"{scheme!r} is not a PostgreSQL URL scheme (e.g. postgresql+psycopg2)")
+    return f"{name}={scheme}" if scheme else name
 
 
 def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:
@@ -401,6 +415,7 @@ _CONVERTERS: dict[str, Callable[[Option, object, Path], object]] = {
     "list": _to_list,
     "str": _to_str,
     "databases": _to_databases,
+    "env": _to_env,
 }
 
 

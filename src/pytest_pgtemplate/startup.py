@@ -108,8 +108,7 @@ def point_env_vars(config: pytest.Config, state: PluginState) -> None:
         env = state.settings.for_database(database).env
         if env is not None:
             point_env(env, _planned_url(config, state, database))
-            if database not in state.app_databases:
-                state.app_databases.append(database)
+            _found_by_app(config, state, database)
 
 
 def call_worker_url_hook(config: pytest.Config, state: PluginState) -> None:
@@ -122,8 +121,14 @@ def call_worker_url_hook(config: pytest.Config, state: PluginState) -> None:
         # The app found this database through the hook: an implementation said True, or
         # (the default database; hooks written for one database return nothing) none said False.
         claimed = True in answers or (database == DEFAULT_DATABASE and False not in answers)
-        if claimed and database not in state.app_databases:
-            state.app_databases.append(database)
+        if claimed:
+            _found_by_app(config, state, database)
+
+
+def _found_by_app(config: pytest.Config, state: PluginState, database: str) -> None:
+    if database not in state.app_databases:
+        state.app_databases.append(database)
+    state.runtime(config, database).app_found = True
 
 
 def _planned_url(config: pytest.Config, state: PluginState, database: str) -> URL:

@@ -28,10 +28,12 @@ class SweepResult:
     skipped: bool = False  # another process was sweeping
 
 
-async def sweep(admin: Admin, *, keep_templates: int, include_kept: bool,
+async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept: bool,
                 wait: float | None = None) -> SweepResult:
-    """Drop worker and half-built databases of dead runs (and kept ones if asked), then
-    all but the newest ``keep_templates`` templates per prefix that nobody uses.
+    """Drop worker and half-built databases of dead runs, whatever their prefix (nobody can
+    use them), and, of ``prefix`` only, kept ones if asked and all but the newest
+    ``keep_templates`` templates per database that nobody uses (another prefix's are
+    another project's choice).
 
     Only one process sweeps at a time: a sweeper that finds another at work skips, or
     with ``wait`` (``--pgt-gc``), waits for it at most that many seconds.
@@ -43,13 +45,13 @@ async def sweep(admin: Admin, *, keep_templates: int, include_kept: bool,
         result.skipped = True
         return result
     try:
-        rows = [r for r in await admin.databases() if r.marker is not None]
-        for row in rows:
-            if _is_leftover(row, include_kept) and await _drop_if_unused(
-                admin, row, run_lock(row.marker.run)  # type: ignore[union-attr]
-            ):
+        marked = [(r, r.marker) for r in await admin.databases() if r.marker is not None]
+        for row, marker in marked:
+            kept_too = include_kept and marker.prefix == prefix
+            if _is_leftover(row, kept_too) and await _drop_if_unused(admin, row, run_lock(marker.run)):
                 result.dropped.append(row.name)
-        for row in _surplus_templates(rows, keep_templates):
+        ours = [row for row, marker in marked if marker.prefix == prefix]
+        for row in _surplus_templates(ours, keep_templates):
             if await _drop_if_unused(admin, row, use_lock(row.name)):
                 result.dropped.append(row.name)
     finally:
@@ -64,7 +66,7 @@ def _is_leftover(row: DatabaseRow, include_kept: bool) -> bool:
 
 
 def _surplus_templates(rows: list[DatabaseRow], keep: int) -> list[DatabaseRow]:
-    """Per prefix and database (a project's second database keeps templates of its own)."""
+    """Per database (a project's second database keeps templates of its own)."""
     groups: dict[tuple[str, str], list[DatabaseRow]] = defaultdict(list)
     for row in rows:
         if row.marker is not None and row.marker.kind == TEMPLATE:

@@ -189,7 +189,7 @@ def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: 
     loop.run(admin.create(scratch, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
     target = admin.url.set(database=scratch)
     try:
-        with temporary_env(request.env_var, target):
+        with temporary_env([request.env_var], target):
             check_downgrade(migrator, target)
     finally:
         loop.run(admin.drop_ours(scratch))
@@ -202,8 +202,10 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
     try:
         target: URL = admin.url.set(database=building)
         progress = Progress()
-        with temporary_env(request.env_var, target), _ticking(request, name, progress):
+        with temporary_env([request.env_var], target), _ticking(request, name, progress):
             request.migrator.migrate(target, progress)
+        for note in progress.notes:
+            request.notify(note)
         tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
         marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix, request.database)
         loop.run(admin.drop_ours(name))  # the template being rebuilt, if any
