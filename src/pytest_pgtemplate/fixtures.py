@@ -200,8 +200,14 @@ async def _async_bind(
     async with pg_engine.connect() as conn:
         outer = await conn.begin()
         yield conn
-        if outer.is_active:
-            await outer.rollback()
+        try:
+            if outer.is_active:
+                await outer.rollback()
+        except Exception:
+            # The test broke the connection (e.g. sessions used concurrently on it): it
+            # must not go back to the pool for the next test.
+            await conn.invalidate()
+            raise
 
 
 def _sessionmaker(_pgt_async_bind: AsyncEngine | AsyncConnection) -> async_sessionmaker[AsyncSession]:
