@@ -80,7 +80,9 @@ async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
     admin = await Admin.open(url)
     try:
         if not gc:
-            return await describe(admin) or [f"no databases of pytest-pgtemplate on {where(url)}"]
+            found = await describe(admin)
+            return [f"databases of pytest-pgtemplate on {where(url)}:", *found] if found else [
+                f"no databases of pytest-pgtemplate on {where(url)}"]
         result = await sweep(admin, prefix=settings.prefix, keep_templates=settings.keep_templates,
                              include_kept=True,
                              wait=settings.timeout)
