@@ -186,10 +186,13 @@ def drop_marked(prefix: str) -> None:
     """Drop what the plugin created under ``prefix`` (marked), and scratch leftovers."""
     with psycopg.connect(SERVER_URL, autocommit=True) as conn:
         for name in databases_like(prefix):
-            conn.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(
-                psycopg.sql.Identifier(name)))
-            conn.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                psycopg.sql.Identifier(name)))
+            try:
+                conn.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(
+                    psycopg.sql.Identifier(name)))
+                conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    psycopg.sql.Identifier(name)))
+            except psycopg.errors.InvalidCatalogName:
+                pass  # dropped meanwhile: another run's sweep took a dead run's database
 
 
 @contextmanager
