@@ -3,4 +3,4 @@
 from .errors import PgTemplateError
 
 __all__ = ["PgTemplateError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
