@@ -164,8 +164,9 @@ def test_longest_names_fit_and_differ() -> None:
         naming.worker_name(prefix, uuid.uuid4().hex, "gw123456789"),
         naming.worker_name(prefix, uuid.uuid4().hex, "gw123456789", "x" * 16),
         naming.clone_name(prefix, uuid.uuid4().hex, "gw123456789", 99999, "x" * 16),
+        naming.clone_name(prefix, uuid.uuid4().hex, "gw123456789", 10**9, "x" * 16),
     }
-    assert len(names) == 5
+    assert len(names) == 6
     assert all(len(n.encode()) <= 63 for n in names)
     assert naming.template_name("a", "1" * 20 + "x") != naming.template_name("a", "1" * 19 + "y")
 

@@ -6,6 +6,7 @@ nothing else in the package formats names into SQL text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -60,7 +61,12 @@ def worker_name(prefix: str, run_id: str, worker: str, database: str = "") -> st
 
 
 def clone_name(prefix: str, run_id: str, worker: str, n: int, database: str = "") -> str:
-    return _checked(f"{prefix}_c_{_owner(run_id, worker, database)}_{n}")
+    owner = _owner(run_id, worker, database)
+    name = f"{prefix}_c_{owner}_{n}"
+    if len(name) > MAX_IDENT_BYTES:  # a long prefix and database name, many clones: shorten
+        digest = hashlib.sha256(owner.encode()).hexdigest()[:16]
+        name = f"{prefix}_c_{digest}_{n}"
+    return _checked(name)
 
 
 def _owner(run_id: str, worker: str, database: str) -> str:
