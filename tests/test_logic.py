@@ -124,8 +124,11 @@ def test_env_setting_takes_an_optional_scheme() -> None:
     assert app_url(url, "postgres://old@x/y") == "postgres://u:pw@h:5/db"  # the variable's own
     assert app_url(url, "postgres://old@x/y", "postgresql+psycopg2") == "postgresql+psycopg2://u:pw@h:5/db"
     assert app_url(url, None) == "postgresql+asyncpg://u:pw@h:5/db"
+    assert resolve(env={"PGTEMPLATE_ENV": "DB_URL = postgresql"}).env == "DB_URL=postgresql"
     for bad, why in (("DB-URL", "is not an environment variable name"),
-                     ("DB_URL=mysql", "is not a PostgreSQL URL scheme")):
+                     ("DB_URL=mysql", "is not a PostgreSQL URL scheme"),
+                     ("DB_URL=postgresql://", "is not a PostgreSQL URL scheme"),
+                     ("DB_URL=postgresqlx", "is not a PostgreSQL URL scheme")):
         with pytest.raises(ConfigError, match=why):
             resolve(env={"PGTEMPLATE_ENV": bad})
 
@@ -468,6 +471,14 @@ def test_env_py_asks_for_the_shared_connection_only_in_code(tmp_path: Path) -> N
     assert _reads_shared_connection(env_py)
     env_py.write_text("config.attributes['logger'] = None\n")  # another use of attributes
     assert not _reads_shared_connection(env_py)
+
+
+def test_env_py_variables_read_not_written_are_found() -> None:
+    from pytest_pgtemplate.migrate import _environment_reads
+
+    tree = ast.parse("import os\nfrom os import environ, getenv\nA = os.environ['A']\n"
+                     "B = os.getenv('B') or environ.get('C')\nD = getenv('D')\nos.environ['E'] = 'x'\n")
+    assert sorted(_environment_reads(tree)) == ["A", "B", "C", "D"]  # E is written, not read
 
 
 def test_a_server_too_old_is_refused_naming_version_and_setting() -> None:

@@ -261,7 +261,7 @@ def _environment_reads(tree: ast.AST) -> list[str]:
 
     names: list[str] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript) and is_environ(node.value):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and is_environ(node.value):
             name = constant(node.slice)
         elif isinstance(node, ast.Call) and node.args:
             func = node.func

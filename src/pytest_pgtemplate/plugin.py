@@ -119,7 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
     register_fixtures(config, state.settings)
     # As xdist decides: workers are started when there is a dist mode and somewhere to run.
     is_controller = (workerinput is None and getattr(config.option, "dist", "no") != "no"
-                     and bool(getattr(config.option, "tx", None)))
+                     and bool(getattr(config.option, "tx", None)) and not config.option.collectonly)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "pgtemplate-xdist")
         if is_controller:

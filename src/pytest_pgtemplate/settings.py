@@ -7,6 +7,7 @@ source remembered for the report header and for error messages.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -389,11 +390,12 @@ def _check_clashes(specs: list[DatabaseSpec]) -> None:
 
 
 def _to_env(opt: Option, raw: object, rootdir: Path) -> str:
-    name, _, scheme = str(raw).strip().partition("=")
+    name, _, scheme = (part.strip() for part in str(raw).strip().partition("="))
     if not name.isidentifier() or not name.isascii():
         raise ValueError(f"{name!r} is not an environment variable name")
-    if scheme and not scheme.startswith(("postgresql", "postgres")):
-        raise ValueError(f"{scheme!r} is not a PostgreSQL URL scheme (e.g. postgresql+psycopg2)")
+    if scheme and not re.fullmatch(r"postgres(ql)?(\+\w+)?", scheme):
+        raise ValueError(f"{scheme!r} is not a PostgreSQL URL scheme (e.g. postgresql+psycopg2, "
+                         "without ://)")
     return f"{name}={scheme}" if scheme else name
 
 
