@@ -206,9 +206,12 @@ def scratch_role(project: Project, attributes: str) -> Iterator[str]:
     try:
         yield make_url(SERVER_URL).set(username=role).render_as_string(hide_password=False)
     finally:
-        drop_marked(project.prefix)
-        with psycopg.connect(SERVER_URL, autocommit=True) as conn:
-            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
+        try:
+            drop_marked(project.prefix)
+        finally:
+            with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+                conn.execute(psycopg.sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(
+                    psycopg.sql.Identifier(role), psycopg.sql.Identifier(role)))
 
 
 @pytest.fixture
