@@ -365,21 +365,26 @@ time.sleep(60)
 """
 
 
-@needs_wheel
-@needs_proc
-def test_sigkill_of_the_owning_process_leaves_no_postgres_behind(
-    wheel: Binaries, cache_root: Path, start: Callable[..., EmbeddedServer]
-) -> None:
+def start_child(cache_root: Path) -> subprocess.Popen[str]:
+    """A process of its own that starts an embedded server and prints where it lives."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
     }
-    child = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(cache_root), str(WHEEL_BIN)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
+
+
+@needs_wheel
+@needs_proc
+def test_sigkill_of_the_owning_process_leaves_no_postgres_behind(
+    wheel: Binaries, cache_root: Path, start: Callable[..., EmbeddedServer]
+) -> None:
+    child = start_child(cache_root)
     try:
         assert child.stdout is not None
         seen = json.loads(child.stdout.readline())
@@ -400,16 +405,7 @@ def test_sigkill_of_the_owning_process_leaves_no_postgres_behind(
 def test_a_slot_stays_taken_until_the_dead_runs_watchdog_is_gone(
     wheel: Binaries, cache_root: Path, start: Callable[..., EmbeddedServer]
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-    }
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(cache_root), str(WHEEL_BIN)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    child = start_child(cache_root)
     assert child.stdout is not None
     data_dir = Path(json.loads(child.stdout.readline())["data_dir"])
     procs = server_processes(data_dir)
