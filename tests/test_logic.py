@@ -462,15 +462,15 @@ def test_failure_notes_older_than_a_day_are_pruned(tmp_path: Path) -> None:
 
 
 def test_env_py_asks_for_the_shared_connection_only_in_code(tmp_path: Path) -> None:
-    from pytest_pgtemplate.migrate import _reads_shared_connection
+    from pytest_pgtemplate.migrate import _parse, _reads_shared_connection
 
     env_py = tmp_path / "env.py"
     env_py.write_text("# we never use config.attributes here\nimport asyncio\nasyncio.run(main())\n")
-    assert not _reads_shared_connection(env_py)
+    assert not _reads_shared_connection(_parse(env_py))
     env_py.write_text("connection = config.attributes.get('connection')\n")
-    assert _reads_shared_connection(env_py)
+    assert _reads_shared_connection(_parse(env_py))
     env_py.write_text("config.attributes['logger'] = None\n")  # another use of attributes
-    assert not _reads_shared_connection(env_py)
+    assert not _reads_shared_connection(_parse(env_py))
 
 
 def test_env_py_variables_read_not_written_are_found() -> None:

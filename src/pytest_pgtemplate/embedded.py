@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_pgtemplate.errors import ConfigError, PgTemplateError
+from pytest_pgtemplate.settings import OPTIONS_BY_NAME
 
 _PROGRAMS = ("initdb", "postgres")
 # Newest first within each pattern; tests monkeypatch this to control the search.
 _SYSTEM_GLOBS = ("/usr/lib/postgresql/*/bin", "/opt/homebrew/opt/postgresql@*/bin",
                  "/usr/local/opt/postgresql@*/bin", "/usr/pgsql-*/bin")  # fmt: skip
-_PG_BIN_SETTING = "--pgt-pg-bin / PGTEMPLATE_PG_BIN / pgtemplate_pg_bin"
-_URL_SETTING = "--pgt-url / PGTEMPLATE_URL / pgtemplate_url"
+_PG_BIN_SETTING = OPTIONS_BY_NAME["pg_bin"].names()
+_URL_SETTING = OPTIONS_BY_NAME["url"].names()
 _MAX_SLOTS = 16
 _SHM_MIN_FREE = 1 << 30  # Docker's 64 MB /dev/shm cannot hold two 40 MB clusters
 _STOP_GRACE = 10.0  # seconds of fast shutdown before SIGKILL

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 # SQLSTATE codes we branch on (never on message text).
 OBJECT_IN_USE = "55006"
-DUPLICATE_DATABASE = "42P04"
 INVALID_CATALOG_NAME = "3D000"
 LOCK_NOT_AVAILABLE = "55P03"
 INSUFFICIENT_PRIVILEGE = "42501"

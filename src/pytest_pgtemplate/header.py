@@ -18,7 +18,8 @@ def header_lines(config: pytest.Config) -> list[str]:
     if state is None or getattr(config, "workerinput", None) is not None:
         return []
     s = state.settings
-    if has_migrator(s):
+    builds = has_migrator(s)
+    if builds:
         state.start_embedded()  # a run that builds databases needs it anyway
     if state.embedded is not None:
         server = f"{state.server_description} ({state.server_source})"
@@ -31,7 +32,7 @@ def header_lines(config: pytest.Config) -> list[str]:
             server = f"unparsable URL ({state.server_source})"
     lines = [f"pgtemplate: server {server}; " + ", ".join(
         s.describe(name) for name in ("reset", "prefix") )]
-    if has_migrator(s):
+    if builds:
         lines.extend(template_lines(state))
     if config.option.verbose > 0:
         lines.append("pgtemplate: " + ", ".join(

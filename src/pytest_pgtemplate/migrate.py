@@ -30,8 +30,9 @@ from sqlalchemy.pool import NullPool
 from .appenv import temporary_env
 from .errors import ConfigError, PgTemplateError
 from .fingerprint import tree_inputs
+from .settings import OPTIONS_BY_NAME
 
-ALEMBIC_SETTING = "--pgt-alembic-ini / PGTEMPLATE_ALEMBIC_INI / pgtemplate_alembic_ini"
+ALEMBIC_SETTING = OPTIONS_BY_NAME["alembic_ini"].names()
 
 
 @dataclass(slots=True)
@@ -77,7 +78,7 @@ class Migrator(Protocol):
     def describe(self) -> str: ...
 
 
-def run_in_fresh_thread(func: Callable[[], None]) -> None:
+def run_in_fresh_thread(func: Callable[[], object]) -> None:
     """Run ``func`` in a new thread (no running event loop there) and re-raise its error."""
     failure: list[BaseException] = []
 
@@ -138,9 +139,11 @@ class AlembicMigrator:
         return cfg
 
     def script_dir(self) -> Path:
-        cfg = self._config()
+        return Path(self._script(self._config()).dir)
+
+    def _script(self, cfg: Config) -> ScriptDirectory:
         try:
-            return Path(ScriptDirectory.from_config(cfg).dir)
+            return ScriptDirectory.from_config(cfg)
         except Exception as exc:
             raise ConfigError(
                 f"pytest-pgtemplate: Alembic cannot load the migrations of {self.ini}: {exc}. "
@@ -183,12 +186,14 @@ class AlembicMigrator:
 
     def _run(self, url: URL, action: Callable[[Config], None], progress: Progress) -> None:
         cfg = self._config()
-        script_dir = self.script_dir()
-        progress.total = sum(1 for _ in ScriptDirectory.from_config(cfg).walk_revisions())
-        wants_connection = _reads_shared_connection(script_dir / "env.py")
+        script = self._script(cfg)
+        script_dir = Path(script.dir)
+        progress.total = sum(1 for _ in script.walk_revisions())
+        env_py = _parse(script_dir / "env.py")
+        wants_connection = _reads_shared_connection(env_py)
         target = _driver_url(cfg, url)
         cfg.set_main_option("sqlalchemy.url", target.render_as_string(False).replace("%", "%%"))
-        elsewhere = _variables_naming_other_databases(script_dir / "env.py", url)
+        elsewhere = _variables_naming_other_databases(env_py, url)
         for name in elsewhere:
             progress.notes.append(
                 f"env.py reads {name}, which names another database: it points at the database "
@@ -228,16 +233,22 @@ async def require_alembic_ran(conn: asyncpg.Connection, database: str) -> None:
         )
 
 
-def _variables_naming_other_databases(env_py: Path, url: URL) -> list[str]:
+def _parse(env_py: Path) -> ast.Module | None:
+    """env.py's syntax tree; None if it cannot be read (running it reports the problem)."""
+    try:
+        return ast.parse(env_py.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _variables_naming_other_databases(env_py: ast.Module | None, url: URL) -> list[str]:
     """Environment variables env.py reads (``os.environ["X"]``, ``os.getenv("X")``,
     ``os.environ.get("X")``) that hold a PostgreSQL URL of another database than ``url``:
     Alembic must not migrate a developer's own database by way of them."""
-    try:
-        tree = ast.parse(env_py.read_bytes())
-    except (OSError, SyntaxError, ValueError):
+    if env_py is None:
         return []
     found: list[str] = []
-    for name in _environment_reads(tree):
+    for name in _environment_reads(env_py):
         value = os.environ.get(name)
         try:
             other = make_url(value) if value else None
@@ -276,13 +287,11 @@ def _environment_reads(tree: ast.AST) -> list[str]:
     return names
 
 
-def _reads_shared_connection(env_py: Path) -> bool:
+def _reads_shared_connection(env_py: ast.Module | None) -> bool:
     """Does env.py look for ``config.attributes["connection"]`` (code, not comments)?"""
-    try:
-        tree = ast.parse(env_py.read_bytes())
-    except (OSError, SyntaxError, ValueError):
-        return False  # running it reports the problem
-    nodes = list(ast.walk(tree))
+    if env_py is None:
+        return False
+    nodes = list(ast.walk(env_py))
     reads_attributes = any(isinstance(n, ast.Attribute) and n.attr == "attributes" for n in nodes)
     names_connection = any(isinstance(n, ast.Constant) and n.value == "connection" for n in nodes)
     return reads_attributes and names_connection

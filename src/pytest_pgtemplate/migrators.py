@@ -33,7 +33,7 @@ def make_migrator(settings: Settings, seeds: tuple[Migrator, ...] = ()) -> Migra
     migrator: Migrator
     if settings.migrate is not None:
         migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate")
-    elif settings.check_downgrade and settings.migrate is None and settings.metadata is not None:
+    elif settings.check_downgrade and settings.metadata is not None:
         raise ConfigError(
             "pytest-pgtemplate: --pgt-check-downgrade needs Alembic migrations, but the template is "
             "built with pgtemplate_metadata; unset one of --pgt-check-downgrade / "
@@ -177,13 +177,9 @@ class CallableMigrator:
             _run_user_code(lambda: func(target), self.path)
 
 
-def _discard(value: object) -> None:
-    del value
-
-
 def _run_user_code(call: Callable[[], object], what: str) -> None:
     try:
-        run_in_fresh_thread(lambda: _discard(call()))
+        run_in_fresh_thread(call)
     except PgTemplateError:
         raise
     except Exception as exc:

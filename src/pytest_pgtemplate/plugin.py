@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from .admin import Admin
-from .db import parse_url, where
+from .db import where
 from .errors import PgTemplateError
 from .header import header_lines
 from .naming import fixture_name
@@ -60,12 +60,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = resolve_settings(config)
     state = PluginState(settings, run_id=uuid.uuid4().hex, worker="main", workerinput=None)
     try:
-        state.start_embedded()
-        if state.embedded_error is not None:
-            raise PgTemplateError(state.embedded_error)
-        assert state.server is not None
-        url = parse_url(state.server, state.server_source)
-        lines = run_once(_command(url, settings, gc=bool(config.getoption("pgt_gc"))))
+        lines = run_once(_command(state.server_url(), settings, gc=bool(config.getoption("pgt_gc"))))
     except PgTemplateError as exc:
         sys.stderr.write(f"{exc}\n")
         return 1

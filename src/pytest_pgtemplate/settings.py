@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .appenv import split_env
 from .errors import ConfigError
 from .naming import FIXTURE_BASES, fixture_name
 
@@ -265,9 +266,9 @@ def resolve(
         values[opt.name] = opt.default if raw is None else _convert(opt, raw, source, rootdir)
         sources[opt.name] = source
     _validate_prefix(str(values["prefix"]), sources["prefix"])
-    default_env = str(values["env"]).partition("=")[0] if values["env"] is not None else None
+    default_env = split_env(str(values["env"]))[0] if values["env"] is not None else None
     for spec in values["databases"]:  # type: ignore[attr-defined]
-        if default_env is not None and str(spec.values.get("env")).partition("=")[0] == default_env:
+        if default_env is not None and split_env(str(spec.values.get("env")))[0] == default_env:
             raise ConfigError(
                 f"pytest-pgtemplate: database {spec.name!r} (from {sources['databases']}) and the "
                 f"default database (from {sources['env']}) both set the environment variable "
@@ -382,7 +383,7 @@ def _check_clashes(specs: list[DatabaseSpec]) -> None:
                 raise ValueError(f"database {spec.name!r}: its fixture {name} would be database "
                                  f"{owner[name]!r}'s too; choose another name")
             owner[name] = spec.name
-        env = str(spec.values["env"]).partition("=")[0] if "env" in spec.values else None
+        env = split_env(str(spec.values["env"]))[0] if "env" in spec.values else None
         if env is not None and env in envs:
             raise ValueError(f"databases {envs[env]!r} and {spec.name!r} both set env={env}")
         if env is not None:

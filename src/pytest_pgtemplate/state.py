@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+from sqlalchemy.engine import URL
 
 from .db import LoopThread, parse_url
 from .errors import PgTemplateError
@@ -102,16 +103,19 @@ class PluginState:
         self.server_description = self.embedded.describe()
         self.clone_strategy = "file_copy"  # fsync is off there: copying files is fastest
 
+    def server_url(self) -> URL:
+        """The server's URL, the embedded server started first if that is the one."""
+        self.start_embedded()
+        if self.embedded_error is not None:
+            raise PgTemplateError(self.embedded_error)
+        assert self.server is not None
+        return parse_url(self.server, self.server_source)
+
     def runtime(self, config: pytest.Config, database: str = DEFAULT_DATABASE) -> Runtime:
         """The runtime of one database (the default one, or an extra one), made on first use."""
         runtime = self._runtimes.get(database)
         if runtime is None:
-            self.start_embedded()
-            if self.embedded_error is not None:
-                raise PgTemplateError(self.embedded_error)
-            assert self.server is not None
-            url = parse_url(self.server, self.server_source)
-            runtime = Runtime(self.settings.for_database(database), url, run_id=self.run_id,
+            runtime = Runtime(self.settings.for_database(database), self.server_url(), run_id=self.run_id,
                               worker=self.worker, clone_strategy=self.clone_strategy,
                               notify=notify_terminal,
                               seeds=functools.partial(self.seed_hook, database))
