@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 from . import errors
 from .db import connect, where
 from .errors import PgTemplateError
-from .naming import Marker, ident, sql
+from .naming import Marker, sql
 
 MIN_SERVER_MAJOR = 13
 CLONE_RETRY_SECONDS = 15.0
@@ -109,12 +109,10 @@ class Admin:
         """
         if template is None:
             statement = sql("CREATE DATABASE {}", name)
-        elif strategy is not None and self.major >= 15:
-            statement = sql("CREATE DATABASE {} TEMPLATE {}", name, template) + (
-                " STRATEGY FILE_COPY" if strategy == "file_copy" else " STRATEGY WAL_LOG"
-            )
         else:
             statement = sql("CREATE DATABASE {} TEMPLATE {}", name, template)
+            if strategy is not None and self.major >= 15:
+                statement += " STRATEGY FILE_COPY" if strategy == "file_copy" else " STRATEGY WAL_LOG"
         deadline = time.monotonic() + CLONE_RETRY_SECONDS
         delay = 0.05
         while True:
@@ -155,14 +153,13 @@ class Admin:
         )
         await self.conn.execute(statement)
 
-    async def terminate(self, name: str) -> int:
-        """Close every other session on ``name``; returns how many there were."""
-        rows = await self.conn.fetch(
+    async def terminate(self, name: str) -> None:
+        """Close every other session on ``name``."""
+        await self.conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = $1 AND pid <> pg_backend_pid()",
             name,
         )
-        return len(rows)
 
     async def finalize_template(self, building: str, final: str, marker: Marker) -> None:
         """Publish a fully built database as the template ``final``.
@@ -267,4 +264,4 @@ class Admin:
         return f"pid {row['pid']} ({app}, {row['addr'] or 'local'})"
 
 
-__all__ = ["Admin", "DatabaseInfo", "ident", "lock_key"]
+__all__ = ["Admin", "DatabaseInfo", "lock_key"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 
 from sqlalchemy.engine import URL
 
@@ -37,7 +36,6 @@ class ClonePool:
         self._work: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._worker_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self.wait_seconds: list[float] = []
 
     async def _start(self) -> None:
         self._admin = await Admin.open(self._url)
@@ -73,10 +71,7 @@ class ClonePool:
 
     def take(self) -> str:
         """A fresh clone's name (waits for the background work if none is ready yet)."""
-        start = time.perf_counter()
-        name = self._loop.run(self._take())
-        self.wait_seconds.append(time.perf_counter() - start)
-        return name
+        return self._loop.run(self._take())
 
     def release(self, name: str) -> None:
         """Drop a used clone in the background."""

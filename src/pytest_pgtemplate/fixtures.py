@@ -148,27 +148,24 @@ def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterat
         state = _state(request)
         runtime = state.call(request, lambda: state.runtime(request.config, database))
         strategy = _strategy(request, runtime.settings.reset)
-        if strategy == "clone" and database in state.app_databases:
+        if strategy == "clone" and runtime.app_found:
             strategy = "truncate"
-            _warn_once(state, database, (
-                f"pytest-pgtemplate: reset=clone cannot reach the app for database {database!r}: the app "
-                "found its worker database through "
-                + (f"the environment variable {split_env(runtime.settings.env)[0]}" if runtime.settings.env
-                   else "the pytest_pgtemplate_worker_url hook")
-                + ", fixed when it started, so a clone would go unused; such tests are reset with "
-                "truncate instead (a schema change still re-creates the worker database, where the "
-                "plugin's role may create event triggers, e.g. as a superuser)."))
+            if database not in state.warned:
+                state.warned.add(database)
+                warnings.warn(PgTemplateWarning(
+                    f"pytest-pgtemplate: reset=clone cannot reach the app for database {database!r}: "
+                    "the app found its worker database through "
+                    + (f"the environment variable {split_env(runtime.settings.env)[0]}"
+                       if runtime.settings.env else "the pytest_pgtemplate_worker_url hook")
+                    + ", fixed when it started, so a clone would go unused; such tests are reset "
+                    "with truncate instead (a schema change still re-creates the worker database, "
+                    "where the plugin's role may create event triggers, e.g. as a superuser)."),
+                    stacklevel=1)
         db = state.call(request, lambda: runtime.begin_test(strategy))
         yield Lease(database, db, strategy, (db.name, runtime.generation))
         state.call(request, lambda: runtime.end_test(strategy, db))
 
     return fixture
-
-
-def _warn_once(state: PluginState, key: str, message: str) -> None:
-    if key not in state.warned:
-        state.warned.add(key)
-        warnings.warn(PgTemplateWarning(message), stacklevel=1)
 
 
 def _url(_pgt_database: Lease) -> URL:

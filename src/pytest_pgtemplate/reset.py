@@ -89,7 +89,6 @@ class ResetStats:
 
     seconds: list[float] = field(default_factory=list)
     tables: int = 0
-    sequences: int = 0
     terminated: int = 0
 
 
@@ -122,7 +121,7 @@ class TruncateReset:
         try:
             if self.replica is None:
                 self.replica = await self._can_use_replica()
-            tables, sequences, terminated, ddl = await self.conn.fetchval(
+            tables, _sequences, terminated, ddl = await self.conn.fetchval(
                 "SELECT _pgtemplate.reset($1, $2)", self.replica, self.timeout_ms,
                 timeout=max(30.0, self.timeout_ms / 1000 * 6),
             )
@@ -136,7 +135,6 @@ class TruncateReset:
             ) from exc
         self.stats.seconds.append(time.perf_counter() - start)
         self.stats.tables += tables
-        self.stats.sequences += sequences
         self.stats.terminated += terminated
         if ddl:
             changes = await self.conn.fetchval(

@@ -187,8 +187,9 @@ class Runtime:
             ), stacklevel=1)
 
     def planned_database(self) -> URL:
-        """The worker database's URL before it exists (its name does not depend on the server)."""
-        return self.server_url.set(database=self._worker_name())
+        """The worker database's URL (``postgresql+asyncpg``) before it exists (its name does
+        not depend on the server)."""
+        return with_driver(self.server_url, "asyncpg", self._worker_name())
 
     def _worker_name(self) -> str:
         return worker_name(self.settings.prefix, self.run_id, self.worker, self._suffix)
@@ -240,6 +241,8 @@ class Runtime:
             self.loop.run(old.conn.close())
         self.generation += 1
         self._db = self._clone(self.timings.template)
+        if old is not None and self._resetter is not None:
+            self._resetter.replica = old.replica  # the same role: no need to ask again
 
     def close(self) -> tuple[WorkerDatabase | None, list[str]]:
         """Drop the worker database (unless --pgt-keep; then return it) and disconnect.

@@ -126,14 +126,12 @@ def call_worker_url_hook(config: pytest.Config, state: PluginState) -> None:
 
 
 def _found_by_app(config: pytest.Config, state: PluginState, database: str) -> None:
-    if database not in state.app_databases:
-        state.app_databases.append(database)
     state.runtime(config, database).app_found = True
 
 
 def _planned_url(config: pytest.Config, state: PluginState, database: str) -> URL:
     try:
-        return state.runtime(config, database).planned_database().set(drivername="postgresql+asyncpg")
+        return state.runtime(config, database).planned_database()
     except PgTemplateError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -71,7 +71,6 @@ class PluginState:
         self.engines: dict[str, Engines] = {}
         self.started = time.perf_counter()
         # Databases every test gets, asked for or not (see pgtemplate_env).
-        self.app_databases: list[str] = []
         self.warned: set[str] = set()  # warnings given once per process
         self._runtimes: dict[str, Runtime] = {}
         self.seed_hook: Callable[[str], tuple[Migrator, ...]] = lambda database: ()
@@ -121,6 +120,12 @@ class PluginState:
                               seeds=functools.partial(self.seed_hook, database))
             self._runtimes[database] = runtime
         return runtime
+
+    @property
+    def app_databases(self) -> list[str]:
+        """Databases the app reaches by itself (pgtemplate_env, the worker-URL hook): every
+        test gets them set up and reset, asked for or not."""
+        return [name for name, runtime in self._runtimes.items() if runtime.app_found]
 
     def engines_for(self, database: str) -> Engines:
         return self.engines.setdefault(database, Engines())

@@ -45,7 +45,6 @@ class Template:
     fingerprint: str
     built: bool  # True when this process migrated it, False when reused
     seconds: float  # time to build it, or to find it (lock waits included)
-    tracked_tables: int = 0
 
 
 def notify_stderr(message: str) -> None:
@@ -99,7 +98,7 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
         _raise_if_failed(failed_note)
         loop.run(admin.lock(name, request.timeout, f"the build of template {name}", request.notify))
         try:
-            built, tracked = _reuse_or_build(loop, admin, request, name, fp)
+            built = _reuse_or_build(loop, admin, request, name, fp)
         except PgTemplateError as exc:
             failed_note.write_text(str(exc))
             raise
@@ -107,7 +106,7 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
             loop.run(admin.unlock(name))
     finally:
         file_lock.release()
-    return Template(name, fp, built, time.perf_counter() - start, tracked)
+    return Template(name, fp, built, time.perf_counter() - start)
 
 
 async def status(admin: Admin, migrator: Migrator, prefix: str, rebuild: bool) -> str:
@@ -115,8 +114,7 @@ async def status(admin: Admin, migrator: Migrator, prefix: str, rebuild: bool) -
     fp = fingerprint.compute(migrator.inputs(), server_major=admin.major, role=admin.role)
     name = template_name(prefix, fp)
     info = await admin.info(name)
-    marker = info.marker if info is not None else None
-    if marker is not None and marker.kind == TEMPLATE and marker.fingerprint == fp:
+    if _complete(info.marker if info is not None else None, fp):
         return f"{name} to be rebuilt (--pgt-rebuild)" if rebuild else f"{name} reused"
     return f"{name} to be built"
 
@@ -157,9 +155,13 @@ def _raise_if_failed(note: Path) -> None:
         )
 
 
-def _reuse_or_build(
-    loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str
-) -> tuple[bool, int]:
+def _complete(marker: Marker | None, fp: str) -> bool:
+    """The marker of a published template of fingerprint ``fp``."""
+    return marker is not None and marker.kind == TEMPLATE and marker.fingerprint == fp
+
+
+def _reuse_or_build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> bool:
+    """True if this process built the template, False if it reuses it."""
     info = loop.run(admin.info(name))
     if info is not None:
         marker = info.marker
@@ -170,14 +172,15 @@ def _reuse_or_build(
                 "or choose another --pgt-prefix / PGTEMPLATE_PREFIX / pgtemplate_prefix.",
                 setting="prefix",
             )
-        complete = marker.kind == TEMPLATE and marker.fingerprint == fp
+        complete = _complete(marker, fp)
         rebuilt_by_us = marker.run == request.run_id
         if complete and (rebuilt_by_us or not request.rebuild):
-            return False, 0
+            return False
         if not complete:
             loop.run(admin.drop_ours(name))  # unfinished: never usable
     # A --pgt-rebuild replaces the old template only once the new one is complete.
-    return True, _build(loop, admin, request, name, fp)
+    _build(loop, admin, request, name, fp)
+    return True
 
 
 def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: str) -> None:
@@ -195,7 +198,7 @@ def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: 
         loop.run(admin.drop_ours(scratch))
 
 
-def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> int:
+def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> None:
     _check_downgrade(loop, admin, request, fp)
     building = build_name(request.prefix, fp, uuid.uuid4().hex)
     loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
@@ -206,14 +209,13 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
             request.migrator.migrate(target, progress)
         for note in progress.notes:
             request.notify(note)
-        tracked = loop.run(_install_tracking(admin.url, building, request.migrator))
+        loop.run(_install_tracking(admin.url, building, request.migrator))
         marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix, request.database)
         loop.run(admin.drop_ours(name))  # the template being rebuilt, if any
         loop.run(admin.finalize_template(building, name, marker))
     except BaseException:
         loop.run(admin.drop_ours(building))
         raise
-    return tracked
 
 
 PROGRESS_EVERY = 5.0  # seconds between progress notes of a long build
