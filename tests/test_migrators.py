@@ -366,8 +366,7 @@ def test_x_arguments_reach_env_py(project: Project) -> None:
     project.run("-p", "no:xdist", "--pgt-alembic-x", "tenant=acme, mode=test").assert_outcomes(passed=11)
 
 
-def test_check_downgrade_catches_a_broken_downgrade_once_per_fingerprint(project: Project) -> None:
-    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+def add_revisions_with_a_leftover_in_their_downgrade(project: Project) -> None:
     project.add_revision("0001", None, BASE_REVISIONS[0][1], """
         op.execute("DROP TABLE orders")
         op.execute("DROP TYPE status")
@@ -379,6 +378,20 @@ def test_check_downgrade_catches_a_broken_downgrade_once_per_fingerprint(project
     # 0003's downgrade leaves a column behind that no upgrade creates.
     project.add_revision("0003", "0002", 'op.execute("CREATE TABLE IF NOT EXISTS note (id int)")',
                          'op.execute("ALTER TABLE note ADD COLUMN leftover int")')
+
+
+def test_check_downgrade_also_runs_when_a_seed_follows_the_migrations(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.pytester.makeconftest("def pytest_pgtemplate_seed(sync_url):\n    pass\n")
+    add_revisions_with_a_leftover_in_their_downgrade(project)
+    result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["  + column public.note.leftover integer"])
+
+
+def test_check_downgrade_catches_a_broken_downgrade_once_per_fingerprint(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    add_revisions_with_a_leftover_in_their_downgrade(project)
     result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([

@@ -36,6 +36,7 @@ from .db import LoopThread, connect, where
 from .downgrade import check_downgrade
 from .errors import PgTemplateError
 from .migrate import AlembicMigrator, Migrator, Progress, require_alembic_ran
+from .migrators import Seeded
 from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
 
 
@@ -186,6 +187,8 @@ def _reuse_or_build(loop: LoopThread, admin: Admin, request: BuildRequest, name:
 def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: str) -> None:
     """--pgt-check-downgrade, on a scratch database of its own (dropped afterwards)."""
     migrator = request.migrator
+    if isinstance(migrator, Seeded):
+        migrator = migrator.base  # seeds have no downgrade: the check is about the migrations
     if not (isinstance(migrator, AlembicMigrator) and migrator.check_downgrade):
         return
     scratch = build_name(request.prefix, fp, uuid.uuid4().hex)
