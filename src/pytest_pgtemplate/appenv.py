@@ -1,29 +1,96 @@
-"""App integration: an environment variable that points the app at our database.
+"""App integration: environment variables that point the app at our database.
 
-Apps often build their engine at import time from ``DATABASE_URL``; the plugin sets
-that variable (``pgtemplate_env``) to the worker database's URL before test modules are
-imported, and to the template's URL while migrating (for env.py files that read it).
-The URL takes the scheme the setting names (``DATABASE_URL=postgresql+psycopg2``), else
-the one the variable already had (``postgresql://``, ``postgres://``...), else
-``postgresql+asyncpg``.
+Apps often build their engine at import time from ``DATABASE_URL``, or from separate
+parts (``POSTGRES_SERVER``, ``POSTGRES_DB``...).  ``pgtemplate_env`` names them: entries
+separated by commas or lines, each
+
+- ``NAME``: the URL, in the scheme the variable already had (``postgresql://``,
+  ``postgres://``...), else ``postgresql+asyncpg``;
+- ``NAME=SCHEME``: the URL in that scheme (``DATABASE_URL=postgresql+psycopg2``);
+- ``NAME=TEMPLATE``: text with ``{host}``, ``{port}``, ``{user}``, ``{password}``,
+  ``{database}`` filled in (``POSTGRES_DB={database}``); a password the URL lacks (trust
+  auth) is the empty string.
+
+The plugin sets them to the worker database before test modules are imported, and to the
+database being built while migrating (for env.py files that read them).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import string
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from sqlalchemy.engine import URL
 
 DEFAULT_SCHEME = "postgresql+asyncpg"
+PARTS = ("host", "port", "user", "password", "database")
+_SCHEME = re.compile(r"postgres(ql)?(\+\w+)?")
 
 
-def split_env(spec: str) -> tuple[str, str | None]:
-    """``pgtemplate_env``'s value: ``NAME`` or ``NAME=SCHEME`` (the URL scheme to use,
-    e.g. ``DATABASE_URL=postgresql+psycopg2``)."""
-    name, _, scheme = spec.partition("=")
-    return name.strip(), scheme.strip() or None
+@dataclass(frozen=True, slots=True)
+class EnvEntry:
+    """One variable: its name and what it gets (a URL scheme, or a template of parts)."""
+
+    name: str
+    scheme: str | None = None
+    template: str | None = None
+
+    def value(self, url: URL, existing: str | None) -> str:
+        if self.template is not None:
+            parts = {"host": url.host or "", "port": "" if url.port is None else str(url.port),
+                     "user": url.username or "", "password": url.password or "",
+                     "database": url.database or ""}
+            return self.template.format_map(parts)
+        return app_url(url, existing, self.scheme)
+
+    def spec(self) -> str:
+        extra = self.template if self.template is not None else self.scheme
+        return self.name if extra is None else f"{self.name}={extra}"
+
+
+def parse_env(spec: str) -> list[EnvEntry]:
+    """``pgtemplate_env``'s entries; ValueError names what is wrong."""
+    entries: list[EnvEntry] = []
+    for raw in re.split(r"[,\n]", spec):
+        name, eq, rest = (part.strip() for part in raw.strip().partition("="))
+        if not name and not eq:
+            continue
+        if not name.isidentifier() or not name.isascii():
+            raise ValueError(f"{name!r} is not an environment variable name")
+        if name in (e.name for e in entries):
+            raise ValueError(f"{name} is named twice")
+        if not rest:
+            entries.append(EnvEntry(name))
+        elif _SCHEME.fullmatch(rest):
+            entries.append(EnvEntry(name, scheme=rest))
+        elif "{" in rest:
+            _check_template(name, rest)
+            entries.append(EnvEntry(name, template=rest))
+        else:
+            raise ValueError(
+                f"{name}={rest}: after '=' give a PostgreSQL URL scheme (e.g. postgresql+psycopg2, "
+                "without ://) or a template of " + ", ".join("{" + p + "}" for p in PARTS))
+    return entries
+
+
+def _check_template(name: str, template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{name}={template}: {exc}") from None
+    unknown = [f for f in fields if f not in PARTS]
+    if unknown or not fields:
+        problem = f"unknown field {{{unknown[0]}}}" if unknown else "no field"
+        raise ValueError(f"{name}={template}: {problem}; use " + ", ".join("{" + p + "}" for p in PARTS))
+
+
+def env_names(spec: str | None) -> list[str]:
+    """The variable names of a (valid) ``pgtemplate_env`` value."""
+    return [] if spec is None else [entry.name for entry in parse_env(spec)]
 
 
 def app_url(url: URL, existing: str | None, scheme: str | None = None) -> str:
@@ -34,22 +101,19 @@ def app_url(url: URL, existing: str | None, scheme: str | None = None) -> str:
     return url.set(drivername=scheme).render_as_string(hide_password=False)
 
 
-def point_env(spec: str, url: URL) -> str:
-    """Set the variable ``spec`` names to ``url``; returns the value."""
-    name, scheme = split_env(spec)
-    value = app_url(url, os.environ.get(name), scheme)
-    os.environ[name] = value
-    return value
+def point_env(spec: str, url: URL) -> None:
+    """Set every variable ``spec`` names to ``url`` (or its parts)."""
+    for entry in parse_env(spec):
+        os.environ[entry.name] = entry.value(url, os.environ.get(entry.name))
 
 
 @contextmanager
 def temporary_env(specs: Iterable[str | None], url: URL) -> Iterator[None]:
     """While migrating: each variable points at the database being built; restored after."""
-    names = [split_env(spec)[0] for spec in specs if spec is not None]
-    before = {name: os.environ.get(name) for name in names}
-    for spec in specs:
-        if spec is not None:
-            point_env(spec, url)
+    present = [spec for spec in specs if spec is not None]
+    before = {name: os.environ.get(name) for spec in present for name in env_names(spec)}
+    for spec in present:
+        point_env(spec, url)
     try:
         yield
     finally:

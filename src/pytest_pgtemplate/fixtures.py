@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
-from .appenv import split_env
+from .appenv import env_names
 from .errors import PgTemplateError, PgTemplateWarning
 from .naming import FIXTURE_BASES, fixture_name
 from .runtime import WorkerDatabase
@@ -155,7 +155,7 @@ def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterat
                 warnings.warn(PgTemplateWarning(
                     f"pytest-pgtemplate: reset=clone cannot reach the app for database {database!r}: "
                     "the app found its worker database through "
-                    + (f"the environment variable {split_env(runtime.settings.env)[0]}"
+                    + (f"the environment variable {env_names(runtime.settings.env)[0]}"
                        if runtime.settings.env else "the pytest_pgtemplate_worker_url hook")
                     + ", fixed when it started, so a clone would go unused; such tests are reset "
                     "with truncate instead (a schema change still re-creates the worker database, "

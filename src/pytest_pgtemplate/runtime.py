@@ -105,6 +105,7 @@ class Runtime:
                 notify=self.notify,
                 env_var=self.settings.env,
                 database=self.settings.database,
+                redirect=frozenset({self._worker_name()}),
             )
             self.timings.template = ensure(self.loop, self._admin, request)
             # After the build, so the new template counts among the newest kept.

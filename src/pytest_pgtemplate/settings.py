@@ -7,13 +7,12 @@ source remembered for the report header and for error messages.
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .appenv import split_env
+from .appenv import PARTS, env_names, parse_env
 from .errors import ConfigError
 from .naming import FIXTURE_BASES, fixture_name
 
@@ -121,12 +120,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "env",
-        "Name of an environment variable (e.g. DATABASE_URL) set to the worker database's URL in "
-        "every process before conftest.py files and test modules are imported, and to the "
-        "template's while migrating; NAME=SCHEME picks the URL scheme (e.g. "
-        "DATABASE_URL=postgresql+psycopg2; default: the variable's own, else postgresql+asyncpg).",
+        "Environment variables (comma or line separated) set to the worker database in every "
+        "process before conftest.py files and test modules are imported, and to the database being "
+        "built while migrating: NAME gets the URL (in the variable's own scheme, else "
+        "postgresql+asyncpg), NAME=SCHEME the URL in that scheme (DATABASE_URL=postgresql+psycopg2), "
+        "NAME=TEMPLATE one part or more (POSTGRES_DB={database}; fields "
+        + ", ".join("{" + p + "}" for p in PARTS) + "; no password: empty).",
         kind="env",
-        metavar="NAME[=SCHEME]",
+        metavar="NAME[=SCHEME|TEMPLATE],...",
     ),
     Option(
         "databases",
@@ -266,13 +267,14 @@ def resolve(
         values[opt.name] = opt.default if raw is None else _convert(opt, raw, source, rootdir)
         sources[opt.name] = source
     _validate_prefix(str(values["prefix"]), sources["prefix"])
-    default_env = split_env(str(values["env"]))[0] if values["env"] is not None else None
+    default_env = set(env_names(values["env"]))  # type: ignore[arg-type]
     for spec in values["databases"]:  # type: ignore[attr-defined]
-        if default_env is not None and split_env(str(spec.values.get("env")))[0] == default_env:
+        shared = default_env.intersection(env_names(spec.values.get("env")))
+        if shared:
             raise ConfigError(
                 f"pytest-pgtemplate: database {spec.name!r} (from {sources['databases']}) and the "
                 f"default database (from {sources['env']}) both set the environment variable "
-                f"{default_env}; give each its own.", setting="databases")
+                f"{min(shared)}; give each its own.", setting="databases")
     return Settings(rootdir=rootdir, sources=sources, **values)  # type: ignore[arg-type]
 
 
@@ -383,21 +385,15 @@ def _check_clashes(specs: list[DatabaseSpec]) -> None:
                 raise ValueError(f"database {spec.name!r}: its fixture {name} would be database "
                                  f"{owner[name]!r}'s too; choose another name")
             owner[name] = spec.name
-        env = split_env(str(spec.values["env"]))[0] if "env" in spec.values else None
-        if env is not None and env in envs:
-            raise ValueError(f"databases {envs[env]!r} and {spec.name!r} both set env={env}")
-        if env is not None:
+        for env in env_names(spec.values.get("env")):  # type: ignore[arg-type]
+            if env in envs:
+                raise ValueError(f"databases {envs[env]!r} and {spec.name!r} both set env={env}")
             envs[env] = spec.name
 
 
-def _to_env(opt: Option, raw: object, rootdir: Path) -> str:
-    name, _, scheme = (part.strip() for part in str(raw).strip().partition("="))
-    if not name.isidentifier() or not name.isascii():
-        raise ValueError(f"{name!r} is not an environment variable name")
-    if scheme and not re.fullmatch(r"postgres(ql)?(\+\w+)?", scheme):
-        raise ValueError(f"{scheme!r} is not a PostgreSQL URL scheme (e.g. postgresql+psycopg2, "
-                         "without ://)")
-    return f"{name}={scheme}" if scheme else name
+def _to_env(opt: Option, raw: object, rootdir: Path) -> str | None:
+    entries = parse_env(str(raw))
+    return ", ".join(entry.spec() for entry in entries) or None
 
 
 def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:

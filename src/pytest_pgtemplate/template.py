@@ -35,6 +35,7 @@ from .appenv import temporary_env
 from .db import LoopThread, connect, where
 from .downgrade import check_downgrade
 from .errors import PgTemplateError
+from .guard import only_into
 from .migrate import AlembicMigrator, Migrator, Progress, require_alembic_ran
 from .migrators import Seeded
 from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
@@ -63,6 +64,9 @@ class BuildRequest:
     notify: Callable[[str], None] = notify_stderr
     env_var: str | None = None
     database: str = ""  # which of the project's databases (the sweep keeps templates per one)
+    # This run's planned databases (the worker database): the app's settings may name them
+    # already; while building, connections to them go to the database being built.
+    redirect: frozenset[str] = frozenset()
 
 
 def lock_dir() -> Path:
@@ -195,7 +199,7 @@ def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: 
     loop.run(admin.create(scratch, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
     target = admin.url.set(database=scratch)
     try:
-        with temporary_env([request.env_var], target):
+        with temporary_env([request.env_var], target), _guarded(request, target):
             check_downgrade(migrator, target)
     finally:
         loop.run(admin.drop_ours(scratch))
@@ -208,7 +212,8 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
     try:
         target: URL = admin.url.set(database=building)
         progress = Progress()
-        with temporary_env([request.env_var], target), _ticking(request, name, progress):
+        with (temporary_env([request.env_var], target), _ticking(request, name, progress),
+              _guarded(request, target)):
             request.migrator.migrate(target, progress)
         for note in progress.notes:
             request.notify(note)
@@ -219,6 +224,17 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
     except BaseException:
         loop.run(admin.drop_ours(building))
         raise
+
+
+@contextmanager
+def _guarded(request: BuildRequest, target: URL) -> Iterator[None]:
+    """Only the database being built may be written (see ``guard``); say when the app's
+    settings named the worker database and were sent to the one being built."""
+    with only_into(target, request.redirect, f"building with {request.migrator.describe()}") as guard:
+        yield
+    for name in guard.redirected:
+        request.notify(f"connections to {name} (this process's worker database, which the app's "
+                       f"settings name) went to the database being built while building")
 
 
 PROGRESS_EVERY = 5.0  # seconds between progress notes of a long build

@@ -1,0 +1,114 @@
+"""While a template is built, every SQLAlchemy connection goes to the database being built.
+
+An ``env.py`` (or a seed) that finds its database by itself, through the app's settings
+object say, could otherwise migrate a developer's own database.  While ``only_into()`` is
+active, a listener on every engine of the process:
+
+- sends a connection aimed at one of this run's own planned databases (the worker
+  database, which does not exist yet: the app's settings point there when
+  ``pgtemplate_env`` or the worker-URL hook set them) to the database being built;
+- refuses, before connecting, a connection aimed at any other database;
+- checks ``current_database()`` once connected, for URLs that name the database in a way
+  the driver's arguments do not show (a DSN, ``PGDATABASE``), and refuses a wrong one
+  before anything else runs on it.
+
+Process-wide while active: during a build the process does nothing else with SQLAlchemy
+(the test that asked for the database waits for it).  Connections made without
+SQLAlchemy are not seen; ``require_alembic_ran`` catches an Alembic run gone elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Dialect, Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
+
+from .errors import PgTemplateError
+
+_NAME_KEYS = ("database", "dbname")  # asyncpg, pg8000 / psycopg, psycopg2
+
+
+@dataclass(slots=True)
+class Guard:
+    """What one build allows: ``target`` only; connections to ``redirect`` go to ``target``."""
+
+    target: URL
+    redirect: frozenset[str]
+    what: str  # who connects, for messages: "the migrations", "the seed", ...
+    redirected: list[str] = field(default_factory=list)
+    refused: PgTemplateError | None = None
+
+    def do_connect(self, dialect: Dialect, record: ConnectionPoolEntry, cargs: tuple[object, ...],
+                   cparams: dict[str, object]) -> None:
+        key = next((k for k in _NAME_KEYS if k in cparams), None)
+        if key is None:
+            return  # named elsewhere (DSN, environment): checked once connected
+        name = str(cparams[key])
+        if name in self.redirect:
+            cparams[key] = self.target.database
+            if self.target.host is not None and "host" in cparams:
+                cparams["host"], cparams["port"] = self.target.host, self.target.port
+            if name not in self.redirected:
+                self.redirected.append(name)
+        elif name != self.target.database:
+            self._refuse(name, cparams.get("host"), cparams.get("port"))
+
+    def on_connect(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT current_database()")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()  # leave no transaction open for the dialect's own setup
+        name = str(row[0]) if row else "?"
+        if name != self.target.database:
+            dbapi_connection.close()
+            self._refuse(name, None, None)
+
+    def _refuse(self, name: str, host: object, port: object) -> None:
+        at = f" on {host}{f':{port}' if port else ''}" if host else ""
+        self.refused = PgTemplateError(
+            f"pytest-pgtemplate: refused a connection to database {name}{at} while building the "
+            f"template: {self.what} may only write to the database being built "
+            f"({self.target.database}), so {name} was not touched. The URL came from somewhere "
+            "the plugin does not set, e.g. your app's settings object, read before pytest "
+            "started. Point the app at this run's database: name the variables your settings "
+            "read in pgtemplate_env (a URL, DATABASE_URL, or parts, e.g. "
+            "'POSTGRES_DB={database}'; set before conftest.py files are imported), or set the "
+            "settings in a pytest_pgtemplate_worker_url hook; connections to the worker "
+            "database are sent to the database being built while it is built. Or make env.py "
+            "use config.get_main_option('sqlalchemy.url')."
+        )
+        raise self.refused
+
+
+_active_lock = threading.Lock()
+
+
+@contextmanager
+def only_into(target: URL, redirect: frozenset[str], what: str) -> Iterator[Guard]:
+    """Within the block, SQLAlchemy connects to ``target``'s database only (see module doc).
+    If a connection was refused, the block's error is replaced by the refusal."""
+    guard = Guard(target, redirect, what)
+    with _active_lock:  # one build per process at a time; never nested listeners
+        event.listen(Engine, "do_connect", guard.do_connect)
+        event.listen(Pool, "connect", guard.on_connect)
+        try:
+            yield guard
+        except BaseException as exc:
+            if guard.refused is not None and exc is not guard.refused:
+                raise guard.refused from exc  # env.py may have wrapped or reworded it
+            raise
+        else:
+            if guard.refused is not None:  # env.py swallowed the error and went on
+                raise guard.refused
+        finally:
+            event.remove(Engine, "do_connect", guard.do_connect)
+            event.remove(Pool, "connect", guard.on_connect)

@@ -1,0 +1,133 @@
+"""Apps whose env.py takes the database from the app's own settings object: the build only
+ever writes to the database being built, and the settings can be fed by parts."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Project
+from test_alembic import REVERSIBLE, developer_database, tables_of
+
+# The app's settings: separate parts, read once at import time (pydantic-settings style),
+# with a password that must be a string.
+APP_SETTINGS = '''
+import os
+
+
+class Settings:
+    def __init__(self):
+        self.host = os.environ.get("APP_DB_HOST", "127.0.0.1")
+        self.port = int(os.environ.get("APP_DB_PORT", "5432"))
+        self.user = os.environ.get("APP_DB_USER", "postgres")
+        self.password = os.environ["APP_DB_PASSWORD"]
+        self.name = os.environ["APP_DB_NAME"]
+
+    @property
+    def url(self):
+        return f"postgresql+psycopg://{self.user}:{self.password}@{self.host}:{self.port}/{self.name}"
+
+
+settings = Settings()
+'''
+
+SETTINGS_ENV_PY = '''
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from app_settings import settings
+
+engine = create_engine(settings.url, poolclass=pool.NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
+'''
+
+SUITE = '''
+import os
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+import app_settings
+
+
+def test_the_app_uses_the_worker_database():
+    engine = create_engine(app_settings.settings.url)
+    with engine.begin() as conn:
+        assert conn.execute(text("select count(*) from customer")).scalar() == 0
+        conn.execute(text("insert into customer (name) values ('x')"))
+        name = conn.execute(text("select current_database()")).scalar()
+    engine.dispose()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    (Path(__file__).parent / f"seen-{worker}").write_text(name)
+
+
+def test_again(pg_sync_session):
+    assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 0
+'''
+
+
+def settings_project(project: Project) -> None:
+    path = project.pytester.path
+    (path / "migrations" / "env.py").write_text(SETTINGS_ENV_PY)
+    for revision in (path / "migrations" / "versions").iterdir():
+        revision.unlink()
+    project.add_revision("0001", None, *REVERSIBLE)
+    (path / "app_settings.py").write_text(APP_SETTINGS)
+    project.pytester.makeconftest("import app_settings  # the app, imported at the top\n")
+    project.pytester.makepyfile(test_inner=SUITE)
+
+
+def test_a_build_never_connects_to_the_database_the_apps_settings_name(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_project(project)
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_NAME", str(url.database))  # as in the developer's shell
+        monkeypatch.setenv("APP_DB_PASSWORD", "")
+        result = project.run("-p", "no:xdist", "-k", "test_again")  # the plugin's fixture
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines([
+            f"*pytest-pgtemplate: refused a connection to database {url.database} on 127.0.0.1:5432 "
+            "while building the template: building with alembic upgrade heads (*) may only write to "
+            f"the database being built ({project.prefix}_bld_*), so {url.database} was not touched. "
+            "The URL came from somewhere the plugin does not set, e.g. your app's settings object*"
+            "name the variables your settings read in pgtemplate_env*"])
+        assert tables_of(url) == ["precious"]  # no alembic_version, no customer
+    assert project.migrations_run() == 0
+    assert project.databases() == []
+
+
+@pytest.mark.parametrize("xdist", [["-n", "2"], ["-p", "no:xdist"]], ids=["n2", "single"])
+def test_settings_parts_from_pgtemplate_env_point_the_app_and_its_env_py_at_our_databases(
+    project: Project, monkeypatch: pytest.MonkeyPatch, xdist: list[str]
+) -> None:
+    settings_project(project)
+    # Multi-line, as in an ini file; the password is '' under trust auth.
+    monkeypatch.setenv("PGTEMPLATE_ENV", "APP_DB_HOST={host}, APP_DB_PORT={port}\n"
+                       "APP_DB_USER={user},APP_DB_PASSWORD={password}, APP_DB_NAME={database}")
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_NAME", str(url.database))
+        monkeypatch.setenv("APP_DB_PASSWORD", "secret-of-the-developer")
+        result = project.run(*xdist)
+        result.assert_outcomes(passed=2)
+        # env.py read the settings cached with the worker database: sent to the one being built.
+        result.stderr.fnmatch_lines([
+            f"*connections to {project.prefix}_w_* (this process's worker database, which the app's "
+            "settings name) went to the database being built while building"])
+        assert tables_of(url) == ["precious"]
+    seen = [p.read_text() for p in project.pytester.path.glob("seen-*")]
+    assert seen and all(name.startswith(f"{project.prefix}_w_") for name in seen)
+    assert project.migrations_run() == 1
+
+
+def test_a_bad_env_template_names_the_setting_and_the_fields(project: Project) -> None:
+    project.pytester.makepyfile(test_inner="def test_x(): pass")
+    result = project.run("-p", "no:xdist", "--pgt-env", "APP_DB_NAME={name}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([
+        "*invalid value 'APP_DB_NAME={name}' for env (from --pgt-env): APP_DB_NAME={name}: unknown field "
+        "{name}; use {host}, {port}, {user}, {password}, {database}. Set --pgt-env / PGTEMPLATE_ENV / "
+        "pgtemplate_env to a valid value."])
