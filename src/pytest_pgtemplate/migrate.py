@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from . import extensions
 from .appenv import temporary_env
 from .errors import ConfigError, PgTemplateError
 from .fingerprint import tree_inputs
@@ -347,6 +348,10 @@ def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
     if type(exc).__name__ == "MissingGreenlet":
         hint = (" A sync engine got an async driver's URL: if env.py reads the variable of "
                 "pgtemplate_env, name the scheme it needs there (e.g. DATABASE_URL=postgresql+psycopg).")
+    if extension_hint := extensions.hint(exc):
+        return PgTemplateError(
+            f"pytest-pgtemplate: migration failed {where}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            f"The template was not published.{extension_hint}")
     return PgTemplateError(
         f"pytest-pgtemplate: migration failed {where}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
         f"The template was not published; fix the migration and run again.{hint}"

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ClauseElement
 
+from . import extensions
 from .errors import ConfigError, PgTemplateError
 from .migrate import AlembicMigrator, Migrator, Progress, find_alembic_ini, run_in_fresh_thread
 from .settings import OPTIONS_BY_NAME, Settings
@@ -185,8 +186,8 @@ def _run_user_code(call: Callable[[], object], what: str) -> None:
     except Exception as exc:
         raise PgTemplateError(
             f"pytest-pgtemplate: {what} failed while building the template: "
-            f"{type(exc).__name__}: {str(exc).rstrip('.')}. The template was not published; fix it "
-            "and run again."
+            f"{type(exc).__name__}: {str(exc).rstrip('.')}. The template was not published"
+            + (extensions.hint(exc) or "; fix it and run again.")
         ) from exc
 
 

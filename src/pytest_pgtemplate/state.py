@@ -93,7 +93,7 @@ class PluginState:
 
         try:
             self.embedded = start(self.settings.pg_bin, self.settings.source("pg_bin"),
-                                  cache_root=self.settings.embedded_dir)
+                                  cache_root=self.settings.embedded_dir, needs=self.needed_extensions())
         except PgTemplateError as exc:
             self.embedded_error = str(exc)
             return
@@ -101,6 +101,22 @@ class PluginState:
         self.server_source = "embedded server"
         self.server_description = self.embedded.describe()
         self.clone_strategy = "file_copy"  # fsync is off there: copying files is fastest
+
+    def needed_extensions(self) -> frozenset[str]:
+        """The extensions every database's migrations (and seeds) create: the embedded
+        server's binaries must have them.  A database whose migrator cannot be set up adds
+        none (its first test reports why)."""
+        from .extensions import required
+        from .migrators import make_migrator
+
+        found: set[str] = set()
+        for database in self.settings.database_names:
+            try:
+                migrator = make_migrator(self.settings.for_database(database), self.seed_hook(database))
+                found |= required(migrator.inputs())
+            except PgTemplateError:
+                continue
+        return frozenset(found)
 
     def server_url(self) -> URL:
         """The server's URL, the embedded server started first if that is the one."""
