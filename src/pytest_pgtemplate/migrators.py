@@ -9,8 +9,10 @@ otherwise), and run in a fresh thread without an event loop.
 from __future__ import annotations
 
 import asyncio
+import configparser
 import importlib
 import inspect
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ def make_migrator(settings: Settings, seeds: tuple[Migrator, ...] = ()) -> Migra
     seed of the settings and ``seeds`` (the seed hook's implementations)."""
     migrator: Migrator
     if settings.migrate is not None:
-        migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate")
+        migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate",
+                                    alembic_ini=settings.alembic_ini)
     elif settings.check_downgrade and settings.metadata is not None:
         raise ConfigError(
             "pytest-pgtemplate: --pgt-check-downgrade needs Alembic migrations, but the template is "
@@ -48,7 +51,23 @@ def make_migrator(settings: Settings, seeds: tuple[Migrator, ...] = ()) -> Migra
         migrator = AlembicMigrator(ini, tuple(settings.alembic_x), settings.check_downgrade)
     if settings.seed is not None:
         seeds = (CallableMigrator(settings.seed, settings.rootdir, "seed"), *seeds)
-    return Seeded(migrator, seeds) if seeds else migrator
+    files = declared_files(settings.fingerprint_files, settings.rootdir)
+    return Seeded(migrator, seeds, files) if seeds or files else migrator
+
+
+def declared_files(patterns: tuple[str, ...], rootdir: Path) -> tuple[tuple[str, Path], ...]:
+    """The files of ``pgtemplate_fingerprint_files`` (label, path); a pattern matching none
+    is an error (a typo would otherwise leave a stale template unnoticed)."""
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(p for p in rootdir.glob(pattern) if p.is_file()) if pattern else []
+        if not matches:
+            raise ConfigError(
+                f"pytest-pgtemplate: {pattern!r} (from {OPTIONS_BY_NAME['fingerprint_files'].names()}) "
+                f"matches no file under {rootdir}; fix the glob (relative to the rootdir).",
+                setting="fingerprint_files")
+        found += [m for m in matches if m not in found]
+    return tuple((m.relative_to(rootdir).as_posix(), m) for m in found)
 
 
 def load_object(path: str, rootdir: Path, setting: str) -> object:
@@ -145,11 +164,17 @@ class MetadataMigrator:
 
 @dataclass(frozen=True, slots=True)
 class CallableMigrator:
-    """A user function ``func(url)``, sync or async (``pgtemplate_migrate`` / ``pgtemplate_seed``)."""
+    """A user function ``func(url)``, sync or async (``pgtemplate_migrate`` / ``pgtemplate_seed``).
+
+    Its module's source feeds the fingerprint; a migrate function that runs Alembic is
+    fingerprinted by the migrations too: those of the alembic.ini the settings name, the
+    rootdir's, and any ``*.ini`` its module names that has an ``[alembic]`` section.
+    """
 
     path: str
     rootdir: Path
     setting: str
+    alembic_ini: Path | None = None
     kind: str = "callable"
 
     def _func(self) -> Callable[[URL], object]:
@@ -162,8 +187,33 @@ class CallableMigrator:
         return func
 
     def inputs(self) -> list[tuple[str, bytes]]:
-        return [(f"{self.setting}:{self.path}", _module_source(self._func())),
-                ("migrator", f"{self.kind}:{self.setting}".encode())]
+        func = self._func()
+        source = _module_source(func)
+        found = [(f"{self.setting}:{self.path}", source),
+                 ("migrator", f"{self.kind}:{self.setting}".encode())]
+        if self.setting == "migrate":
+            for ini in self._alembic_inis(func, source):
+                label = _relative(ini, self.rootdir)
+                found += [(f"alembic-of-migrate:{label}:{name}", data)
+                          for name, data in AlembicMigrator(ini).inputs() if name != "migrator"]
+        return found
+
+    def _alembic_inis(self, func: object, source: bytes) -> list[Path]:
+        """alembic.ini files the function may run: named by the settings, in the rootdir,
+        or written in its module (relative to the module, the rootdir or absolute)."""
+        try:
+            module_dir = Path(inspect.getfile(func)).parent  # type: ignore[arg-type]
+        except TypeError:
+            module_dir = self.rootdir
+        candidates = [p for p in (self.alembic_ini, self.rootdir / "alembic.ini") if p is not None]
+        for literal in re.findall(rb"""["']([^"'\n]*\.ini)["']""", source):
+            name = Path(literal.decode(errors="replace"))
+            candidates += [name] if name.is_absolute() else [module_dir / name, self.rootdir / name]
+        found: list[Path] = []
+        for ini in candidates:
+            if ini.is_file() and ini.resolve() not in found and _is_alembic_ini(ini):
+                found.append(ini.resolve())
+        return found
 
     def describe(self) -> str:
         return f"{self.path}(url)"
@@ -191,12 +241,31 @@ def _run_user_code(call: Callable[[], object], what: str) -> None:
         ) from exc
 
 
+def _is_alembic_ini(path: Path) -> bool:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except (configparser.Error, UnicodeDecodeError):
+        return False
+    return parser.has_option("alembic", "script_location")
+
+
+def _relative(path: Path, rootdir: Path) -> str:
+    """A label that does not depend on where the project lives."""
+    try:
+        return path.relative_to(rootdir.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 @dataclass(frozen=True, slots=True)
 class Seeded:
-    """A migrator followed by seed steps; all feed the fingerprint."""
+    """A migrator followed by seed steps; all feed the fingerprint, and so do the declared
+    files (``pgtemplate_fingerprint_files``)."""
 
     base: Migrator
     seeds: tuple[Migrator, ...]
+    files: tuple[tuple[str, Path], ...] = ()  # label (relative to the rootdir), path
 
     @property
     def kind(self) -> str:
@@ -206,9 +275,12 @@ class Seeded:
         found = self.base.inputs()
         for seed in self.seeds:
             found += seed.inputs()
+        found += [(f"file:{label}", path.read_bytes()) for label, path in self.files]
         return found
 
     def describe(self) -> str:
+        if not self.seeds:
+            return self.base.describe()
         return f"{self.base.describe()}, then seed " + ", ".join(s.describe() for s in self.seeds)
 
     def migrate(self, url: URL, progress: Progress | None = None) -> None:

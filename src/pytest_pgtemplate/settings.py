@@ -20,7 +20,7 @@ RESET_STRATEGIES = ("truncate", "rollback", "clone", "none")
 DEFAULT_DATABASE = "default"
 # What each extra database (pgtemplate_databases) sets for itself; the rest is shared.
 DATABASE_KEYS = ("alembic_ini", "alembic_x", "metadata", "migrate", "seed", "env", "reset",
-                 "check_downgrade")
+                 "check_downgrade", "fingerprint_files")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +119,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="IMPORT_PATH",
     ),
     Option(
+        "fingerprint_files",
+        "More files the template is built from, beyond what the plugin finds by itself (the "
+        "Alembic scripts, a migrate or seed function's module): globs relative to the rootdir, "
+        "comma or line separated, e.g. 'db/*.sql, fixtures/**/*.json'; editing one rebuilds it.",
+        kind="list",
+        default=(),
+        metavar="GLOB,...",
+    ),
+    Option(
         "env",
         "Environment variables (comma or line separated) set to the worker database in every "
         "process before conftest.py files and test modules are imported, and to the database being "
@@ -198,6 +207,7 @@ class Settings:
     metadata: str | None
     migrate: str | None
     seed: str | None
+    fingerprint_files: tuple[str, ...]
     env: str | None
     databases: tuple[DatabaseSpec, ...]
     pg_bin: Path | None
@@ -338,7 +348,7 @@ def _to_choice(opt: Option, raw: object, rootdir: Path) -> str:
 
 
 def _to_list(opt: Option, raw: object, rootdir: Path) -> tuple[str, ...]:
-    return tuple(part.strip() for part in str(raw).split(",") if part.strip())
+    return tuple(part.strip() for part in str(raw).replace("\n", ",").split(",") if part.strip())
 
 
 def _to_databases(opt: Option, raw: object, rootdir: Path) -> tuple[DatabaseSpec, ...]:

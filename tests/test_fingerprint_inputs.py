@@ -1,0 +1,100 @@
+"""What the template is built from, whatever the migrator: editing it rebuilds the template."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ISOLATION_SUITE, Project
+
+# A migrate function that runs Alembic itself, with an alembic.ini it names.
+MIGRATE_WITH_ALEMBIC = '''
+from alembic import command
+from alembic.config import Config
+
+
+def migrate(url):
+    cfg = Config("db/alembic.ini")
+    cfg.set_main_option("script_location", "db/migrations")
+    cfg.set_main_option("sqlalchemy.url", url.set(drivername="postgresql+asyncpg")
+                        .render_as_string(hide_password=False))
+    command.upgrade(cfg, "head")
+'''
+
+
+def test_editing_a_revision_behind_a_migrate_function_rebuilds_the_template(project: Project) -> None:
+    path = project.pytester.path
+    (path / "db").mkdir()
+    (path / "alembic.ini").rename(path / "db" / "alembic.ini")
+    (path / "migrations").rename(path / "db" / "migrations")
+    (path / "dbsetup.py").write_text(MIGRATE_WITH_ALEMBIC)
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    run = ("-p", "no:xdist", "--pgt-migrate", "dbsetup:migrate")
+    project.run(*run).assert_outcomes(passed=11)
+    project.run(*run).assert_outcomes(passed=11)
+    assert project.migrations_run() == 1  # same inputs: reused
+    revision = path / "db" / "migrations" / "versions" / "0002_rev.py"
+    revision.write_text(revision.read_text().replace(
+        "ALTER TABLE customer ADD COLUMN country text", "ALTER TABLE customer ADD COLUMN note text, "
+        "ADD COLUMN country text"))
+    result = project.run(*run)
+    result.assert_outcomes(passed=11)
+    result.stdout.fnmatch_lines(["template *: built in * s (by main)"])
+    assert project.migrations_run() == 2
+
+
+SEED_FROM_FILE = '''
+import json
+from pathlib import Path
+
+import psycopg
+
+
+def seed(url):
+    rows = json.loads((Path(__file__).parent / "data" / "countries.json").read_text())
+    with psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+        conn.execute("DELETE FROM country")
+        for code, name in rows:
+            conn.execute("INSERT INTO country VALUES (%s, %s)", (code, name))
+'''
+
+SEEDED_SUITE = '''
+from sqlalchemy import text
+
+def test_seeded(pg_sync_session):
+    names = pg_sync_session.execute(text("select string_agg(name, ',' order by code) from country")).scalar()
+    (__import__("pathlib").Path(__file__).parent / "names").write_text(names)
+'''
+
+
+def test_declared_fingerprint_files_rebuild_the_template_when_edited(project: Project) -> None:
+    path = project.pytester.path
+    (path / "seeds.py").write_text(SEED_FROM_FILE)
+    (path / "data").mkdir()
+    (path / "data" / "countries.json").write_text('[["fr", "France"]]')
+    project.pytester.makepyfile(test_inner=SEEDED_SUITE)
+    run = ("-p", "no:xdist", "--pgt-seed", "seeds:seed", "--pgt-fingerprint-files", "data/*.json")
+    project.run(*run).assert_outcomes(passed=1)
+    assert (path / "names").read_text() == "France"
+    (path / "data" / "countries.json").write_text('[["fr", "France"], ["es", "Spain"]]')
+    project.run(*run).assert_outcomes(passed=1)
+    assert (path / "names").read_text() == "Spain,France"
+
+
+def test_a_fingerprint_glob_matching_nothing_names_the_setting(project: Project) -> None:
+    project.pytester.makepyfile(test_inner="def test_db(pg_url):\n    pass\n")
+    result = project.run("-p", "no:xdist", "--pgt-fingerprint-files", "data/*.jsn")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: 'data/*.jsn' (from --pgt-fingerprint-files / PGTEMPLATE_FINGERPRINT_FILES / "
+        f"pgtemplate_fingerprint_files) matches no file under {project.pytester.path}; fix the glob "
+        "(relative to the rootdir).*"])
+
+
+@pytest.mark.parametrize("value", ["a.json,b.json", "a.json\n  b.json\n"])
+def test_fingerprint_files_are_comma_or_line_separated(value: str) -> None:
+    from pathlib import Path
+
+    from pytest_pgtemplate.settings import resolve
+
+    settings = resolve(cli={}, env={}, ini={"pgtemplate_fingerprint_files": value}, rootdir=Path("/r"))
+    assert settings.fingerprint_files == ("a.json", "b.json")
