@@ -132,3 +132,46 @@ def test_a_bad_env_template_names_the_setting_and_the_fields(project: Project) -
         "*invalid value 'APP_DB_NAME={name}' for env (from --pgt-env): APP_DB_NAME={name}: unknown field "
         "{name}; use {host}, {port}, {user}, {password}, {database}. Set --pgt-env / PGTEMPLATE_ENV / "
         "pgtemplate_env to a valid value."])
+
+
+HOOK_TOO_LATE = '''
+import app_settings
+from sqlalchemy import create_engine
+
+engine = create_engine(app_settings.settings.url)  # the app's engine, made at import time
+
+
+def pytest_pgtemplate_worker_url(url, config, database):
+    s = app_settings.settings
+    s.host, s.port, s.name, s.user, s.password = url.host, url.port, url.database, url.username, ""
+'''
+
+ENGINE_SUITE = '''
+from sqlalchemy import text
+
+from conftest import engine
+
+
+def test_through_the_apps_engine(pg_sync_session):
+    with engine.begin() as conn:
+        conn.execute(text("delete from precious"))
+'''
+
+
+def test_tests_never_reach_a_database_the_plugin_did_not_create(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_project(project)
+    project.pytester.makeconftest(HOOK_TOO_LATE)
+    project.pytester.makepyfile(test_inner=ENGINE_SUITE)
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_NAME", str(url.database))
+        monkeypatch.setenv("APP_DB_PASSWORD", "")
+        result = project.run("-n", "2")
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines([
+            f"*pytest-pgtemplate: refused a connection to database {url.database} on 127.0.0.1:5432 from "
+            f"a test: this run's tests use its own databases ({project.prefix}_w_* here), and "
+            f"{url.database} was not created by pytest-pgtemplate, so it was not touched.*"
+            "Name the variables your settings read in pgtemplate_env instead*"])
+        assert tables_of(url) == ["precious"]  # and its row is still there

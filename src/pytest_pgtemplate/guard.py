@@ -32,6 +32,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool
 from .errors import PgTemplateError
 
 _NAME_KEYS = ("database", "dbname")  # asyncpg, pg8000 / psycopg, psycopg2
+_active_lock = threading.Lock()  # held while a build's guard is active
 
 
 @dataclass(slots=True)
@@ -46,7 +47,7 @@ class Guard:
 
     def do_connect(self, dialect: Dialect, record: ConnectionPoolEntry, cargs: tuple[object, ...],
                    cparams: dict[str, object]) -> None:
-        key = next((k for k in _NAME_KEYS if k in cparams), None)
+        key = _name_key(cparams)
         if key is None:
             return  # named elsewhere (DSN, environment): checked once connected
         name = str(cparams[key])
@@ -89,7 +90,60 @@ class Guard:
         raise self.refused
 
 
-_active_lock = threading.Lock()
+def _name_key(cparams: dict[str, object]) -> str | None:
+    """The driver argument that names the database, if any."""
+    return next((k for k in _NAME_KEYS if k in cparams), None)
+
+
+@dataclass(slots=True)
+class TestsGuard:
+    """While tests run, in a process whose app finds its database by itself
+    (``pgtemplate_env``, the worker-URL hook): SQLAlchemy connections to a database whose
+    name lacks the plugin's prefix are refused before connecting.  Such an app whose engine
+    was built before the plugin pointed its settings at the worker database would otherwise
+    run the tests, and their cleanup, on a developer's database."""
+
+    prefix: str
+    worker: str  # this process's worker database, for the message
+
+    def do_connect(self, dialect: Dialect, record: ConnectionPoolEntry, cargs: tuple[object, ...],
+                   cparams: dict[str, object]) -> None:
+        key = _name_key(cparams)
+        if key is None or dialect.name != "postgresql" or _active_lock.locked():
+            return  # a build is under way: its own guard decides
+        name = str(cparams[key])
+        if name.startswith(f"{self.prefix}_"):
+            return
+        host, port = cparams.get("host"), cparams.get("port")
+        at = f" on {host}{f':{port}' if port else ''}" if host else ""
+        raise PgTemplateError(
+            f"pytest-pgtemplate: refused a connection to database {name}{at} from a test: this run's "
+            f"tests use its own databases ({self.worker} here), and {name} was not created by "
+            "pytest-pgtemplate, so it was not touched. The app's engine was probably built from its "
+            "settings before the plugin pointed them at the worker database (the "
+            "pytest_pgtemplate_worker_url hook runs once conftest.py files are imported: too late for "
+            "an engine made while they import the app). Name the variables your settings read in "
+            "pgtemplate_env instead, e.g. 'POSTGRES_SERVER={host}, POSTGRES_PORT={port}, "
+            "POSTGRES_DB={database}': they are set before any conftest.py is imported.")
+
+
+_tests_guards: dict[int, TestsGuard] = {}
+
+
+def guard_tests(prefix: str, worker: str) -> None:
+    """Start refusing tests' connections to databases that are not the plugin's (once)."""
+    if _tests_guards:
+        return
+    guard = TestsGuard(prefix, worker)
+    _tests_guards[id(guard)] = guard
+    event.listen(Engine, "do_connect", guard.do_connect)
+
+
+def unguard_tests() -> None:
+    for guard in _tests_guards.values():
+        event.remove(Engine, "do_connect", guard.do_connect)
+    _tests_guards.clear()
+
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL
 from .admin import Admin
 from .db import where
 from .errors import PgTemplateError
+from .guard import guard_tests, unguard_tests
 from .header import header_lines
 from .naming import fixture_name
 from .report import format_summary
@@ -122,6 +123,8 @@ def pytest_configure(config: pytest.Config) -> None:
     point_env_vars(config, state)  # again: the same values, unless the early hook did not run
     if not is_controller:
         call_worker_url_hook(config, state)
+        if state.app_databases:  # the app connects by itself: only ever to our databases
+            guard_tests(state.settings.prefix, state.runtime(config).planned_database().database or "")
 
 
 
@@ -190,6 +193,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             if json.loads(os.environ[CONTROLLER_ENV]).get("pid") == os.getpid():
                 del os.environ[CONTROLLER_ENV]
+    unguard_tests()
     state = config.stash.get(STATE_KEY, None)
     if state is not None and state.embedded is not None:
         state.embedded.stop()
