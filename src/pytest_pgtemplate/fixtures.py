@@ -142,6 +142,20 @@ def _strategy(request: pytest.FixtureRequest, default: str) -> str:
     return marker_reset(marker)
 
 
+def _report_terminated(state: PluginState, nodeid: str, database: str, who: str) -> None:
+    """A reset ended sessions left inside a transaction: say so once per process, and keep
+    it for the reports of later failing tests (they may fail because of it)."""
+    note = (f"the reset after {nodeid} ended a session left inside a transaction in {database}: "
+            f"{who}. A transaction still open when a test ends is rolled back this way; if it belongs "
+            "to a session- or module-scoped fixture (an app session or connection kept across tests), "
+            "the tests after it that use it fail (AdminShutdown, PendingRollbackError...): make that "
+            "fixture function-scoped, or use --pgt-reset rollback.")
+    state.terminations.append(note)
+    if "terminated" not in state.warned:
+        state.warned.add("terminated")
+        warnings.warn(PgTemplateWarning(f"pytest-pgtemplate: {note}"), stacklevel=1)
+
+
 def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterator[Lease]]:
     def fixture(request: pytest.FixtureRequest) -> Iterator[Lease]:
         """The database for one test, reset (or dropped, for a clone) after it."""
@@ -164,6 +178,9 @@ def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterat
         db = state.call(request, lambda: runtime.begin_test(strategy))
         yield Lease(database, db, strategy, (db.name, runtime.generation))
         state.call(request, lambda: runtime.end_test(strategy, db))
+        if runtime.terminated:
+            _report_terminated(state, request.node.nodeid, db.name, runtime.terminated)
+            runtime.terminated = ""
 
     return fixture
 

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 MAX_IDENT_BYTES = 63
 MARKER_TAG = "pytest-pgtemplate"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 TEMPLATE = "template"
 BUILDING = "building"

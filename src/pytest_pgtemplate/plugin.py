@@ -248,9 +248,11 @@ def pytest_runtest_makereport(
     if report.failed and state is not None:
         used = set(getattr(item, "fixturenames", ()))
         names = [fixture_name("_pgt_database", d) for d in state.settings.database_names]
-        if used.intersection(names):
+        if used.intersection(names) or state.app_databases:
             for db in state.current_databases():
                 report.sections.append(("pytest-pgtemplate", f"worker database: {db}"))
+            if state.terminations:  # the likely cause of a cascade of failures
+                report.sections.append(("pytest-pgtemplate", f"earlier, {state.terminations[0]}"))
     return report
 
 

@@ -101,6 +101,7 @@ class TruncateReset:
         self.timeout_ms = max(1, int(timeout * 1000))
         self.replica: bool | None = None
         self.stats = ResetStats()
+        self.terminated = ""  # who the last reset that terminated sessions terminated
 
     async def _can_use_replica(self) -> bool:
         try:
@@ -136,6 +137,9 @@ class TruncateReset:
         self.stats.seconds.append(time.perf_counter() - start)
         self.stats.tables += tables
         self.stats.terminated += terminated
+        if terminated:
+            self.terminated = str(await self.conn.fetchval(
+                "SELECT current_setting('pgtemplate.terminated', true)"))
         if ddl:
             changes = await self.conn.fetchval(
                 "SELECT string_agg(DISTINCT tag || coalesce(' ' || object, ''), ', ') FROM _pgtemplate.ddl"

@@ -68,6 +68,7 @@ class Runtime:
         self.reset_seconds: dict[str, list[float]] = {}  # per strategy; clone: the wait
         self.generation = 0  # bumped when the worker database is re-created
         self.app_found = False  # the app reaches this database by itself (pgtemplate_env, hook)
+        self.terminated = ""  # sessions the last reset ended (left inside a transaction)
 
     @property
     def loop(self) -> LoopThread:
@@ -170,6 +171,7 @@ class Runtime:
             return
         try:
             ddl = self.loop.run(self._resetter.reset())
+            self.terminated, self._resetter.terminated = self._resetter.terminated, ""
         except PgTemplateError as exc:
             self._recover(exc)
             raise

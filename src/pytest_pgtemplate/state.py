@@ -72,6 +72,7 @@ class PluginState:
         self.started = time.perf_counter()
         # Databases every test gets, asked for or not (see pgtemplate_env).
         self.warned: set[str] = set()  # warnings given once per process
+        self.terminations: list[str] = []  # sessions resets ended, for later failing tests
         self._runtimes: dict[str, Runtime] = {}
         self.seed_hook: Callable[[str], tuple[Migrator, ...]] = lambda database: ()
         self.summary = Summary()

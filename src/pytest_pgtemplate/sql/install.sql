@@ -98,6 +98,7 @@ DECLARE
     r record;
     n_seq integer := 0;
     n_term integer;
+    term_info text;
 BEGIN
     PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
     PERFORM set_config('pgtemplate.resetting', 'on', true);  -- our own DDL is not the test's
@@ -106,18 +107,28 @@ BEGIN
     -- A session the test left inside a transaction would hold locks (and its rows
     -- are uncommitted anyway): terminate it rather than wait on it.
     -- (The per-backend functions cost a third of a pg_stat_activity scan, paid per test.)
-    SELECT count(pg_terminate_backend(b.pid)) INTO n_term
-    FROM pg_stat_get_backend_idset() id, LATERAL (SELECT pg_stat_get_backend_pid(id) AS pid) b
-    WHERE pg_stat_get_backend_dbid(id) = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND b.pid <> pg_backend_pid()
-      AND pg_stat_get_backend_xact_start(id) IS NOT NULL  -- inside a transaction
-      AND EXISTS (SELECT FROM pg_stat_get_activity(b.pid) a WHERE a.backend_type = 'client backend')
-      -- Only sessions this role may end (a superuser's, say, it may not): the others
-      -- make the reset wait, and a blocked reset names them.
-      AND EXISTS (SELECT FROM pg_roles me, pg_roles them
-                  WHERE me.rolname = current_user AND them.oid = pg_stat_get_backend_userid(id)
-                    AND (me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(them.oid, 'USAGE')
-                                         OR pg_has_role('pg_signal_backend', 'USAGE')))));
+    -- Who they were is kept in pgtemplate.terminated (described before they end) for the
+    -- plugin to report.
+    SELECT count(pg_terminate_backend(t.pid)), string_agg(t.who, '; ') INTO n_term, term_info
+    FROM (SELECT b.pid, (SELECT format('pid %s (%s, its transaction open for %s s): %s', b.pid,
+                                       coalesce(nullif(a.application_name, ''), 'no application_name'),
+                                       round(extract(epoch FROM now() - a.xact_start)::numeric, 1),
+                                       quote_literal(left(a.query, 200)))
+                         FROM pg_stat_get_activity(b.pid) a) AS who
+          FROM pg_stat_get_backend_idset() id, LATERAL (SELECT pg_stat_get_backend_pid(id) AS pid) b
+          WHERE pg_stat_get_backend_dbid(id) = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND b.pid <> pg_backend_pid()
+            AND pg_stat_get_backend_xact_start(id) IS NOT NULL  -- inside a transaction
+            AND EXISTS (SELECT FROM pg_stat_get_activity(b.pid) a WHERE a.backend_type = 'client backend')
+            -- Only sessions this role may end (a superuser's, say, it may not): the others
+            -- make the reset wait, and a blocked reset names them.
+            AND EXISTS (SELECT FROM pg_roles me, pg_roles them
+                        WHERE me.rolname = current_user AND them.oid = pg_stat_get_backend_userid(id)
+                          AND (me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(them.oid, 'USAGE')
+                                               OR pg_has_role('pg_signal_backend', 'USAGE')))))) t;
+    IF n_term > 0 THEN
+        PERFORM set_config('pgtemplate.terminated', term_info, false);
+    END IF;
     SELECT coalesce(array_agg(relid), '{}') INTO dirty FROM _pgtemplate.dirty;
     IF cardinality(dirty) > 0 THEN
         IF replica THEN
