@@ -30,7 +30,11 @@ def test_editing_a_revision_behind_a_migrate_function_rebuilds_the_template(proj
     project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
     run = ("-p", "no:xdist", "--pgt-migrate", "dbsetup:migrate")
     project.run(*run).assert_outcomes(passed=11)
-    project.run(*run).assert_outcomes(passed=11)
+    quiet = project.run(*run, "-q")  # no header under -q: the summary says what matters
+    quiet.assert_outcomes(passed=11)
+    quiet.stdout.fnmatch_lines([
+        f"server: postgres@127.0.0.1:5432/postgres (PGTEMPLATE_URL); reset=truncate, prefix={project.prefix}",
+        "template *: reused"])
     assert project.migrations_run() == 1  # same inputs: reused
     revision = path / "db" / "migrations" / "versions" / "0002_rev.py"
     revision.write_text(revision.read_text().replace(

@@ -196,12 +196,29 @@ def test_list_and_gc_commands(project: Project) -> None:
         drop_marked(other)
 
 
-def test_old_templates_beyond_the_newest_n_are_pruned(project: Project) -> None:
+def test_old_templates_beyond_the_newest_n_are_pruned_within_the_project(project: Project) -> None:
     project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    before: list[str] = []
     for n in range(3, 6):
+        before = [db for db in project.databases() if "_tpl_" in db]
         project.add_revision(f"{n:04d}", f"{n - 1:04d}", f'op.execute("CREATE TABLE t{n} (id int)")')
-        project.run("-p", "no:xdist", "--pgt-keep-templates", "2").assert_outcomes(passed=11)
-    assert len([db for db in project.databases() if "_tpl_" in db]) == 2
+        result = project.run("-p", "no:xdist", "--pgt-keep-templates", "2")
+        result.assert_outcomes(passed=11)
+    ours = [db for db in project.databases() if "_tpl_" in db]
+    assert len(ours) == 2
+    (gone,) = set(before) - set(ours)
+    result.stdout.fnmatch_lines([
+        f"pruned 1 unused template(s) of this project beyond the newest 2 (--pgt-keep-templates): {gone}"])
+    # Another project sharing the prefix (and the server) prunes its own templates only.
+    other = copy_project(project, "elsewhere")
+    (other / "migrations" / "versions" / "0006_rev.py").write_text(
+        (other / "migrations" / "versions" / "0005_rev.py").read_text()
+        .replace("'0005'", "'0006'").replace("'0004'", "'0005'").replace("t5 (", "t6 ("))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--pgt-keep-templates", "1"], cwd=other, capture_output=True, text=True,
+                         timeout=120)
+    assert "11 passed" in run.stdout, run.stdout + run.stderr
+    assert set(ours) < set(db for db in project.databases() if "_tpl_" in db)
 
 
 def test_waiting_for_another_runs_build_says_who_and_gives_up_in_time(project: Project) -> None:

@@ -46,6 +46,7 @@ def test_a_session_scoped_transaction_ended_by_the_reset_is_named_once(project: 
         f"*{note}*: pid * (scratch-app-session, its transaction open for * s): "
         "'select count(*) from customer'. A transaction still open when a test ends is "
         "rolled back this way; if it belongs to a session- or module-scoped fixture*make that fixture "
-        "function-scoped, or use --pgt-reset rollback.*"])
+        "function-scoped, or close its session after each test; rows it writes for later tests belong in the "
+        "template (pgtemplate_seed or the pytest_pgtemplate_seed hook).*"])
     # Both tests the ended session broke carry the explanation in their report.
     assert text.count(f"earlier, {note}") == 2

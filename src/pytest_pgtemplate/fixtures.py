@@ -149,7 +149,8 @@ def _report_terminated(state: PluginState, nodeid: str, database: str, who: str)
             f"{who}. A transaction still open when a test ends is rolled back this way; if it belongs "
             "to a session- or module-scoped fixture (an app session or connection kept across tests), "
             "the tests after it that use it fail (AdminShutdown, PendingRollbackError...): make that "
-            "fixture function-scoped, or use --pgt-reset rollback.")
+            "fixture function-scoped, or close its session after each test; rows it writes for later "
+            "tests belong in the template (pgtemplate_seed or the pytest_pgtemplate_seed hook).")
     state.terminations.append(note)
     if "terminated" not in state.warned:
         state.warned.add("terminated")

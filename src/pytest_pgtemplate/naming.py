@@ -92,11 +92,13 @@ class Marker:
     format: int = FORMAT_VERSION
     prefix: str = ""
     database: str = ""  # of a template: which of the project's databases it serves
+    project: str = ""  # of a template: the project (its rootdir's name) that built it
 
     @classmethod
-    def new(cls, kind: str, fingerprint: str, run: str, prefix: str, database: str = "") -> Marker:
+    def new(cls, kind: str, fingerprint: str, run: str, prefix: str, database: str = "",
+            project: str = "") -> Marker:
         return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time(),
-                   prefix=prefix, database=database)
+                   prefix=prefix, database=database, project=project)
 
     def text(self) -> str:
         return f"{MARKER_TAG} {json.dumps(asdict(self), sort_keys=True)}"

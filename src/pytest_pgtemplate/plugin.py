@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from .admin import Admin
-from .db import where
+from .db import parse_url, where
 from .errors import PgTemplateError
 from .guard import guard_tests, unguard_tests
 from .header import header_lines
@@ -82,7 +82,7 @@ async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
         result = await sweep(admin, prefix=settings.prefix, keep_templates=settings.keep_templates,
                              include_kept=True,
                              wait=settings.timeout)
-        return [f"dropped {name}" for name in result.dropped] or ["nothing to drop"]
+        return [f"dropped {name}" for name in result.dropped + result.pruned] or ["nothing to drop"]
     finally:
         await admin.close()
 
@@ -230,13 +230,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     state = config.stash.get(STATE_KEY, None)
     if state is None or getattr(config, "workerinput", None) is not None:
         return
+    state.summary.keep_templates = state.settings.keep_templates
     lines = format_summary(state.summary, time.perf_counter() - state.started)
-    if lines and state.server_description:
-        lines.insert(0, f"server: {state.server_description}")
+    if lines:  # the header's essentials too: -q hides the header
+        server = state.server_description or _external_server(state)
+        lines.insert(0, f"server: {server}; reset={state.settings.reset}, prefix={state.settings.prefix}")
     if lines:
         terminalreporter.write_sep("-", "pytest-pgtemplate")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def _external_server(state: PluginState) -> str:
+    try:
+        return f"{where(parse_url(state.server or '', state.server_source))} ({state.server_source})"
+    except PgTemplateError:
+        return f"unparsable URL ({state.server_source})"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,10 +18,12 @@ class Summary:
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    keep_templates: int = 0  # for the pruning line (the controller's setting)
     processes: int = 0
 
     def merge(self, other: dict[str, Any]) -> None:
-        for key in ("templates", "clone_seconds", "databases", "kept", "swept"):
+        for key in ("templates", "clone_seconds", "databases", "kept", "swept", "pruned"):
             getattr(self, key).extend(other.get(key, []))
         self.processes += int(other.get("processes", 0))
         for strategy, seconds in other.get("reset_seconds", {}).items():
@@ -45,6 +47,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
         "reset_seconds": {k: list(v) for k, v in runtime.reset_seconds.items()},
         "databases": [] if runtime.current_name is None else [runtime.current_name],
         "swept": list(runtime.timings.swept),
+        "pruned": list(runtime.timings.pruned),
     }
 
 
@@ -94,8 +97,11 @@ def format_summary(summary: Summary, wall: float = 0.0) -> list[str]:
     if (line := overhead(summary, wall)) is not None:
         lines.append(line)
     if summary.swept:
-        lines.append(f"swept {len(summary.swept)} leftover database(s) of dead runs or old templates: "
+        lines.append(f"swept {len(summary.swept)} leftover database(s) of dead runs: "
                      + ", ".join(sorted(summary.swept)))
+    if summary.pruned:
+        lines.append(f"pruned {len(summary.pruned)} unused template(s) of this project beyond the newest "
+                     f"{summary.keep_templates} (--pgt-keep-templates): " + ", ".join(sorted(summary.pruned)))
     for url in summary.kept:
         lines.append(f"kept worker database: {url}")
     return lines

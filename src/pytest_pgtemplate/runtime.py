@@ -40,6 +40,7 @@ class Timings:
     template: Template | None = None
     clone_seconds: list[float] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
 
 
 class Runtime:
@@ -107,13 +108,15 @@ class Runtime:
                 env_var=self.settings.env,
                 database=self.settings.database,
                 redirect=frozenset({self._worker_name()}),
+                project=self.settings.rootdir.name,
             )
             self.timings.template = ensure(self.loop, self._admin, request)
             # After the build, so the new template counts among the newest kept.
             swept = self.loop.run(sweep(self._admin, prefix=self.settings.prefix,
                                         keep_templates=self.settings.keep_templates,
-                                        include_kept=False))
+                                        include_kept=False, project=self.settings.rootdir.name))
             self.timings.swept.extend(swept.dropped)
+            self.timings.pruned.extend(swept.pruned)
         return self._clone(self.timings.template)
 
     def _clone(self, template: Template) -> WorkerDatabase:

@@ -24,16 +24,18 @@ SWEEP_LOCK = "sweep"
 
 @dataclass(slots=True)
 class SweepResult:
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # leftovers of dead runs (kept ones if asked)
+    pruned: list[str] = field(default_factory=list)  # unused templates beyond the newest N
     skipped: bool = False  # another process was sweeping
 
 
 async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept: bool,
-                wait: float | None = None) -> SweepResult:
+                wait: float | None = None, project: str | None = None) -> SweepResult:
     """Drop worker and half-built databases of dead runs, whatever their prefix (nobody can
     use them), and, of ``prefix`` only, kept ones if asked and all but the newest
-    ``keep_templates`` templates per database that nobody uses (another prefix's are
-    another project's choice).
+    ``keep_templates`` templates per project and database that nobody uses (another
+    prefix's are another project's choice).  With ``project``, only that project's
+    templates are pruned: a run leaves other projects sharing the prefix alone.
 
     Only one process sweeps at a time: a sweeper that finds another at work skips, or
     with ``wait`` (``--pgt-gc``), waits for it at most that many seconds.
@@ -50,10 +52,11 @@ async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept:
             kept_too = include_kept and marker.prefix == prefix
             if _is_leftover(row, kept_too) and await _drop_if_unused(admin, row, run_lock(marker.run)):
                 result.dropped.append(row.name)
-        ours = [row for row, marker in marked if marker.prefix == prefix]
+        ours = [row for row, marker in marked
+                if marker.prefix == prefix and project in (None, marker.project)]
         for row in _surplus_templates(ours, keep_templates):
             if await _drop_if_unused(admin, row, use_lock(row.name)):
-                result.dropped.append(row.name)
+                result.pruned.append(row.name)
     finally:
         await admin.unlock(SWEEP_LOCK)
     return result
@@ -66,11 +69,11 @@ def _is_leftover(row: DatabaseRow, include_kept: bool) -> bool:
 
 
 def _surplus_templates(rows: list[DatabaseRow], keep: int) -> list[DatabaseRow]:
-    """Per database (a project's second database keeps templates of its own)."""
-    groups: dict[tuple[str, str], list[DatabaseRow]] = defaultdict(list)
+    """Per project and database (a project's second database keeps templates of its own)."""
+    groups: dict[tuple[str, str, str], list[DatabaseRow]] = defaultdict(list)
     for row in rows:
         if row.marker is not None and row.marker.kind == TEMPLATE:
-            groups[row.marker.prefix, row.marker.database].append(row)
+            groups[row.marker.prefix, row.marker.project, row.marker.database].append(row)
     surplus: list[DatabaseRow] = []
     for group in groups.values():
         group.sort(key=lambda r: r.marker.created if r.marker else 0.0, reverse=True)

@@ -67,6 +67,7 @@ class BuildRequest:
     # This run's planned databases (the worker database): the app's settings may name them
     # already; while building, connections to them go to the database being built.
     redirect: frozenset[str] = frozenset()
+    project: str = ""  # the project's name (its rootdir's), in the template's marker
 
 
 def lock_dir() -> Path:
@@ -218,7 +219,7 @@ def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp:
         for note in progress.notes:
             request.notify(note)
         loop.run(_install_tracking(admin.url, building, request.migrator))
-        marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix, request.database)
+        marker = Marker.new(TEMPLATE, fp, request.run_id, request.prefix, request.database, request.project)
         loop.run(admin.drop_ours(name))  # the template being rebuilt, if any
         loop.run(admin.finalize_template(building, name, marker))
     except BaseException:
