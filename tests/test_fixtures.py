@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import Project
 
 STRICT_SUITE = '''
@@ -75,7 +77,9 @@ def test_pooled_connections_stay_warm_on_a_long_lived_loop():
 '''
 
 
-def test_session_scoped_event_loop_reuses_pooled_connections(project: Project) -> None:
+def test_session_scoped_event_loop_reuses_pooled_connections_and_closes_them(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project.pytester.makeini(f"""
         [pytest]
         pgtemplate_prefix = {project.prefix}
@@ -84,7 +88,29 @@ def test_session_scoped_event_loop_reuses_pooled_connections(project: Project) -
         asyncio_default_test_loop_scope = session
     """)
     project.pytester.makepyfile(test_loop=SESSION_LOOP_SUITE)
-    project.run("-p", "no:xdist").assert_outcomes(passed=6)
+    monkeypatch.setenv("PYTHONWARNINGS", "always::ResourceWarning")
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(passed=6)
+    # The warm connections were closed on their loop before it closed.
+    assert "unclosed" not in result.stderr.str()
+
+
+def test_a_test_loop_scope_other_than_the_fixtures_is_named_before_the_test(project: Project) -> None:
+    project.pytester.makeini(f"""
+        [pytest]
+        pgtemplate_prefix = {project.prefix}
+        asyncio_mode = auto
+        asyncio_default_fixture_loop_scope = function
+        asyncio_default_test_loop_scope = session
+    """)
+    project.pytester.makepyfile(test_loop=SESSION_LOOP_SUITE)
+    result = project.run("-p", "no:xdist")
+    result.assert_outcomes(failed=1, errors=5)  # the last test checks what the others did
+    result.stdout.fnmatch_lines([
+        "*pytest-pgtemplate: this test runs on a session-scoped event loop but the plugin's async "
+        "fixtures run on function-scoped loops (asyncio_default_fixture_loop_scope), and an asyncpg "
+        "connection belongs to one loop. Set asyncio_default_fixture_loop_scope = session in your pytest "
+        "configuration (the same scope as the tests')."])
 
 
 LEAK_SUITE = '''

@@ -22,7 +22,7 @@ import functools
 import inspect
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,9 @@ class Engines:
         self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._keep_warm = False
         self._sync: Engine | None = None
+        # Long-lived loops' closers: async generators the loop closes at its shutdown
+        # (shutdown_asyncgens), disposing that loop's engine there, on that loop.
+        self._closers: list[tuple[AsyncEngine, AsyncGenerator[None, None]]] = []
 
     def sync_for(self, db: WorkerDatabase, key: tuple[str, int]) -> Engine:
         self._check(key)
@@ -83,15 +86,30 @@ class Engines:
                 "(an anyio_backend fixture returning \"asyncio\")."
             ) from exc
         previous = self._last_loop() if self._last_loop is not None else None
-        if self._async is None:
+        if self._async is None or (previous is not loop and self._keep_warm):
+            # New, or the long-lived loop was replaced (e.g. per-module loops): that loop's
+            # engine is its closer's to dispose, at that loop's shutdown.
             self._async = create_async_engine(db.url)
-        elif previous is not loop and self._keep_warm:
-            # The long-lived loop was replaced (e.g. per-module loops): its connections
-            # cannot be used here, and that loop may be closed: just let them go.
-            self._async.sync_engine.dispose(close=False)
         self._keep_warm = previous is loop
         self._last_loop = weakref.ref(loop)
         return self._async
+
+    async def close_at_loop_shutdown(self) -> None:
+        """On a long-lived loop (a test's second), once: close its engine's warm connections
+        when the loop shuts down, before it is closed (no unclosed-connection warnings)."""
+        engine = self._async
+        if not self._keep_warm or engine is None or any(e is engine for e, _ in self._closers):
+            return
+
+        async def closer() -> AsyncGenerator[None, None]:
+            try:
+                yield
+            finally:
+                await engine.dispose()
+
+        agen = closer()
+        await agen.__anext__()  # registered with the running loop from here on
+        self._closers.append((engine, agen))
 
     async def release(self) -> None:
         """After the test, on its loop: close the connections unless the loop is long-lived."""
@@ -113,6 +131,7 @@ class Engines:
         if self._sync is not None:
             self._sync.dispose()
         self._async, self._sync, self._last_loop, self._keep_warm = None, None, None, False
+        self._closers.clear()  # a loop still open runs them when these are collected
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +219,35 @@ async def _engine(request: pytest.FixtureRequest, _pgt_database: Lease) -> Async
     """AsyncEngine bound to this worker's database (do not dispose it)."""
     state = _state(request)
     engines = state.engines_for(_pgt_database.database)
-    yield state.call(request, lambda: engines.acquire(_pgt_database.db, _pgt_database.key))
+    mismatch = _loop_scope_mismatch(request)
+    if mismatch:
+        pytest.fail(mismatch, pytrace=False)
+    engine = state.call(request, lambda: engines.acquire(_pgt_database.db, _pgt_database.key))
+    await engines.close_at_loop_shutdown()
+    yield engine
     await engines.release()
+
+
+def _loop_scope_mismatch(request: pytest.FixtureRequest) -> str | None:
+    """pytest-asyncio (0.26+) runs this test on a loop of another scope than our async
+    fixtures: connections made on one loop would be closed on the other (errors at every
+    teardown).  Say so before the test runs."""
+    if "anyio_backend" in request.fixturenames:
+        return None
+    try:
+        fixture_scope = str(request.config.getini("asyncio_default_fixture_loop_scope") or "function")
+        test_scope = str(request.config.getini("asyncio_default_test_loop_scope") or "function")
+    except ValueError:  # an older pytest-asyncio: no test loop scope to differ
+        return None
+    marker = request.node.get_closest_marker("asyncio")
+    if marker is not None and marker.kwargs.get("loop_scope"):
+        test_scope = str(marker.kwargs["loop_scope"])
+    if test_scope == fixture_scope:
+        return None
+    return (f"pytest-pgtemplate: this test runs on a {test_scope}-scoped event loop but the plugin's "
+            f"async fixtures run on {fixture_scope}-scoped loops (asyncio_default_fixture_loop_scope), "
+            "and an asyncpg connection belongs to one loop. Set asyncio_default_fixture_loop_scope = "
+            f"{test_scope} in your pytest configuration (the same scope as the tests').")
 
 
 async def _async_bind(
