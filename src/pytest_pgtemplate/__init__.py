@@ -3,4 +3,4 @@
 from .errors import PgTemplateError
 
 __all__ = ["PgTemplateError"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
