@@ -204,8 +204,9 @@ def test_env_py_reading_a_variable_that_names_the_developers_database_never_migr
         result = project.run("-p", "no:xdist", "--pgt-check-downgrade")
         result.assert_outcomes(passed=1)
         result.stderr.fnmatch_lines(["*env.py reads APP_DB_URL, which names another database: it points "
-                                     "at the database being built while migrating. Set pgtemplate_env = "
-                                     "APP_DB_URL so the tests use the worker database too."])
+                                     "at the database being built while migrating. If your app reads "
+                                     "APP_DB_URL during the tests too, set pgtemplate_env = APP_DB_URL so "
+                                     "they use the worker database."])
         assert tables_of(url) == ["precious"]  # untouched: no alembic_version, no customer
 
 

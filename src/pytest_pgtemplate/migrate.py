@@ -198,8 +198,8 @@ class AlembicMigrator:
         for name in elsewhere:
             progress.notes.append(
                 f"env.py reads {name}, which names another database: it points at the database "
-                f"being built while migrating. Set pgtemplate_env = {name} so the tests use the "
-                "worker database too.")
+                f"being built while migrating. If your app reads {name} during the tests too, set "
+                f"pgtemplate_env = {name} so they use the worker database.")
 
         def body() -> None:
             with (_preserved_logging(), _cwd(self.ini.parent), _watching(progress),

@@ -7,6 +7,7 @@ source remembered for the report header and for error messages.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -408,7 +409,8 @@ def _to_env(opt: Option, raw: object, rootdir: Path) -> str | None:
 
 def _to_path(opt: Option, raw: object, rootdir: Path) -> Path:
     path = Path(str(raw)).expanduser()
-    return path if path.is_absolute() else rootdir / path
+    # normpath: messages show db/alembic.ini, not tests/../db/alembic.ini
+    return Path(os.path.normpath(path if path.is_absolute() else rootdir / path))
 
 
 def _to_str(opt: Option, raw: object, rootdir: Path) -> str:
