@@ -114,21 +114,30 @@ def test_bad_database_declarations_say_what_is_wrong(spec: str, message: str) ->
                 ini={"pgtemplate_databases": "a migrate=m:f env=DATABASE_URL"})
 
 
-def test_env_setting_takes_an_optional_scheme() -> None:
-    from pytest_pgtemplate.appenv import app_url, split_env
+def test_env_setting_takes_an_optional_scheme_or_parts() -> None:
+    from pytest_pgtemplate.appenv import EnvEntry, app_url, parse_env
 
     assert resolve(env={"PGTEMPLATE_ENV": " DB_URL=postgresql+psycopg2 "}).env == "DB_URL=postgresql+psycopg2"
-    assert split_env("DB_URL=postgresql+psycopg2") == ("DB_URL", "postgresql+psycopg2")
-    assert split_env("DB_URL") == ("DB_URL", None)
+    assert parse_env("DB_URL=postgresql+psycopg2") == [EnvEntry("DB_URL", scheme="postgresql+psycopg2")]
+    assert parse_env("DB_URL") == [EnvEntry("DB_URL")]
     url = parse_url("postgresql://u:pw@h:5/db", "test")
     assert app_url(url, "postgres://old@x/y") == "postgres://u:pw@h:5/db"  # the variable's own
     assert app_url(url, "postgres://old@x/y", "postgresql+psycopg2") == "postgresql+psycopg2://u:pw@h:5/db"
     assert app_url(url, None) == "postgresql+asyncpg://u:pw@h:5/db"
     assert resolve(env={"PGTEMPLATE_ENV": "DB_URL = postgresql"}).env == "DB_URL=postgresql"
+    # Parts: one variable each, several per setting, comma or line separated.
+    spec = resolve(env={"PGTEMPLATE_ENV": "H={host},\n P={port}, DSN=postgresql://{user}@{host}/{database}"}).env
+    assert spec == "H={host}, P={port}, DSN=postgresql://{user}@{host}/{database}"
+    values = {e.name: e.value(url, None) for e in parse_env(str(spec))}
+    assert values == {"H": "h", "P": "5", "DSN": "postgresql://u@h/db"}
+    trust = parse_url("postgresql://postgres@h/db", "test")
+    assert parse_env("PW={password}")[0].value(trust, "old") == ""  # no password: empty, not 'None'
     for bad, why in (("DB-URL", "is not an environment variable name"),
-                     ("DB_URL=mysql", "is not a PostgreSQL URL scheme"),
-                     ("DB_URL=postgresql://", "is not a PostgreSQL URL scheme"),
-                     ("DB_URL=postgresqlx", "is not a PostgreSQL URL scheme")):
+                     ("DB_URL=mysql", "after '=' give a PostgreSQL URL scheme"),
+                     ("DB_URL=postgresql://", "after '=' give a PostgreSQL URL scheme"),
+                     ("DB_URL=postgresqlx", "after '=' give a PostgreSQL URL scheme"),
+                     ("DB_NAME={name}", "unknown field {name}"),
+                     ("A={host}, A={port}", "A is named twice")):
         with pytest.raises(ConfigError, match=why):
             resolve(env={"PGTEMPLATE_ENV": bad})
 
