@@ -115,8 +115,8 @@ def test_settings_parts_from_pgtemplate_env_point_the_app_and_its_env_py_at_our_
         result.assert_outcomes(passed=2)
         # env.py read the settings cached with the worker database: sent to the one being built.
         result.stderr.fnmatch_lines([
-            f"*connections to {project.prefix}_w_* (this process's worker database, which the app's "
-            "settings name) went to the database being built while building"])
+            f"*while building, connections to {project.prefix}_w_* (this process's worker database, which "
+            "the app's settings name) were sent to the database being built, as intended"])
         assert tables_of(url) == ["precious"]
     seen = [p.read_text() for p in project.pytester.path.glob("seen-*")]
     assert seen

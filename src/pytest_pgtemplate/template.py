@@ -234,8 +234,8 @@ def _guarded(request: BuildRequest, target: URL) -> Iterator[None]:
     with only_into(target, request.redirect, f"building with {request.migrator.describe()}") as guard:
         yield
     for name in guard.redirected:
-        request.notify(f"connections to {name} (this process's worker database, which the app's "
-                       f"settings name) went to the database being built while building")
+        request.notify(f"while building, connections to {name} (this process's worker database, which "
+                       "the app's settings name) were sent to the database being built, as intended")
 
 
 PROGRESS_EVERY = 5.0  # seconds between progress notes of a long build
