@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import Project
-from test_alembic import REVERSIBLE, developer_database, tables_of
+from test_alembic import REVERSIBLE, SYNC_ENV_PY, developer_database, tables_of
 
 # The app's settings: separate parts, read once at import time (pydantic-settings style),
 # with a password that must be a string.
@@ -173,5 +173,52 @@ def test_tests_never_reach_a_database_the_plugin_did_not_create(
             f"*pytest-pgtemplate: refused a connection to database {url.database} on 127.0.0.1:5432 from "
             f"a test: this run's tests use its own databases ({project.prefix}_w_* here), and "
             f"{url.database} was not created by pytest-pgtemplate, so it was not touched.*"
-            "Name the variables your settings read in pgtemplate_env instead*"])
+            "Name the variables your settings read in pgtemplate_env*"])
         assert tables_of(url) == ["precious"]  # and its row is still there
+
+
+WARN_CONFTEST = '''
+import app_settings
+from sqlalchemy import create_engine
+
+engine = create_engine(app_settings.settings.url)  # the app's engine, on the developer's database
+'''
+
+WARN_SUITE = '''
+from sqlalchemy import text
+
+from conftest import engine
+
+
+def test_one(pg_sync_session):
+    with engine.connect() as conn:
+        conn.execute(text("select count(*) from precious"))
+
+
+def test_two(pg_sync_session):
+    with engine.connect() as conn:
+        conn.execute(text("select count(*) from precious"))
+'''
+
+
+def test_a_test_reaching_another_database_beside_the_fixtures_is_named_once(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_project(project)
+    (project.pytester.path / "migrations" / "env.py").write_text(SYNC_ENV_PY)  # the ini's URL
+    project.pytester.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n"
+                              "sqlalchemy.url = postgresql+psycopg://u@127.0.0.1/placeholder\n")
+    project.pytester.makeconftest(WARN_CONFTEST)
+    project.pytester.makepyfile(test_inner=WARN_SUITE)
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_NAME", str(url.database))
+        monkeypatch.setenv("APP_DB_PASSWORD", "")
+        result = project.run("-p", "no:xdist")
+        result.assert_outcomes(passed=2)
+        text = result.stdout.str()
+        warning = (f"pytest-pgtemplate: a test connected to database {url.database} on 127.0.0.1:5432, "
+                   "which pytest-pgtemplate did not create, while this run's tests use "
+                   f"{project.prefix}_w_")
+        assert text.count(warning) == 1
+        result.stdout.fnmatch_lines(["*if that is your app's own database, its tests and their cleanup ran "
+                                     "there. Name the variables your settings read in pgtemplate_env*"])

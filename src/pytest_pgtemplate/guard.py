@@ -20,7 +20,8 @@ SQLAlchemy are not seen; ``require_alembic_ran`` catches an Alembic run gone els
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from .errors import PgTemplateError
+from .errors import PgTemplateError, PgTemplateWarning
 
 _NAME_KEYS = ("database", "dbname")  # asyncpg, pg8000 / psycopg, psycopg2
 _active_lock = threading.Lock()  # held while a build's guard is active
@@ -95,16 +96,23 @@ def _name_key(cparams: dict[str, object]) -> str | None:
     return next((k for k in _NAME_KEYS if k in cparams), None)
 
 
+REFUSE, WARN = "refuse", "warn"
+
+
 @dataclass(slots=True)
 class TestsGuard:
-    """While tests run, in a process whose app finds its database by itself
-    (``pgtemplate_env``, the worker-URL hook): SQLAlchemy connections to a database whose
-    name lacks the plugin's prefix are refused before connecting.  Such an app whose engine
-    was built before the plugin pointed its settings at the worker database would otherwise
-    run the tests, and their cleanup, on a developer's database."""
+    """While tests run: SQLAlchemy connections to a database whose name lacks the plugin's
+    prefix.  In a process whose app finds its database by itself (``pgtemplate_env``, the
+    worker-URL hook) they are refused before connecting: such an app whose engine was built
+    before the plugin pointed its settings at the worker database would otherwise run the
+    tests, and their cleanup, on a developer's database.  In a process whose tests use the
+    plugin's fixtures without that, each such database is named once in a warning (the app
+    may still reach its own database; another database may also be meant)."""
 
     prefix: str
     worker: str  # this process's worker database, for the message
+    mode: Callable[[], str | None]  # REFUSE, WARN or None (the plugin is not in use yet)
+    warned: set[str] = field(default_factory=set)
 
     def do_connect(self, dialect: Dialect, record: ConnectionPoolEntry, cargs: tuple[object, ...],
                    cparams: dict[str, object]) -> None:
@@ -112,29 +120,38 @@ class TestsGuard:
         if key is None or dialect.name != "postgresql" or _active_lock.locked():
             return  # a build is under way: its own guard decides
         name = str(cparams[key])
-        if name.startswith(f"{self.prefix}_"):
+        mode = self.mode() if not name.startswith(f"{self.prefix}_") else None
+        if mode is None or (mode == WARN and name in self.warned):
             return
         host, port = cparams.get("host"), cparams.get("port")
         at = f" on {host}{f':{port}' if port else ''}" if host else ""
+        fix = ("Name the variables your settings read in pgtemplate_env, e.g. 'DATABASE_URL' or "
+               "'POSTGRES_SERVER={host}, POSTGRES_PORT={port}, POSTGRES_DB={database}': they are set "
+               "before any conftest.py is imported.")
+        if mode == WARN:
+            self.warned.add(name)
+            warnings.warn(PgTemplateWarning(
+                f"pytest-pgtemplate: a test connected to database {name}{at}, which pytest-pgtemplate "
+                f"did not create, while this run's tests use {self.worker}: if that is your app's own "
+                f"database, its tests and their cleanup ran there. {fix}"), stacklevel=2)
+            return
         raise PgTemplateError(
             f"pytest-pgtemplate: refused a connection to database {name}{at} from a test: this run's "
             f"tests use its own databases ({self.worker} here), and {name} was not created by "
             "pytest-pgtemplate, so it was not touched. The app's engine was probably built from its "
             "settings before the plugin pointed them at the worker database (the "
             "pytest_pgtemplate_worker_url hook runs once conftest.py files are imported: too late for "
-            "an engine made while they import the app). Name the variables your settings read in "
-            "pgtemplate_env instead, e.g. 'POSTGRES_SERVER={host}, POSTGRES_PORT={port}, "
-            "POSTGRES_DB={database}': they are set before any conftest.py is imported.")
+            f"an engine made while they import the app). {fix}")
 
 
 _tests_guards: dict[int, TestsGuard] = {}
 
 
-def guard_tests(prefix: str, worker: str) -> None:
-    """Start refusing tests' connections to databases that are not the plugin's (once)."""
+def guard_tests(prefix: str, worker: str, mode: Callable[[], str | None]) -> None:
+    """Start watching tests' connections to databases that are not the plugin's (once)."""
     if _tests_guards:
         return
-    guard = TestsGuard(prefix, worker)
+    guard = TestsGuard(prefix, worker, mode)
     _tests_guards[id(guard)] = guard
     event.listen(Engine, "do_connect", guard.do_connect)
 

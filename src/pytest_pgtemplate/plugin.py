@@ -123,8 +123,7 @@ def pytest_configure(config: pytest.Config) -> None:
     point_env_vars(config, state)  # again: the same values, unless the early hook did not run
     if not is_controller:
         call_worker_url_hook(config, state)
-        if state.app_databases:  # the app connects by itself: only ever to our databases
-            guard_tests(state.settings.prefix, state.runtime(config).planned_database().database or "")
+        guard_tests(state.settings.prefix, state.planned_name(), state.guard_mode)
 
 
 

@@ -138,6 +138,20 @@ class PluginState:
             self._runtimes[database] = runtime
         return runtime
 
+    def guard_mode(self) -> str | None:
+        """How tests' connections to other databases are met (see ``guard.TestsGuard``)."""
+        from .guard import REFUSE, WARN
+
+        if self.app_databases:  # the app connects by itself: only ever to our databases
+            return REFUSE
+        return WARN if any(r.used for r in self._runtimes.values()) else None
+
+    def planned_name(self) -> str:
+        """This process's worker database (the default one's), for messages."""
+        from .naming import worker_name
+
+        return worker_name(self.settings.prefix, self.run_id, self.worker, "")
+
     @property
     def app_databases(self) -> list[str]:
         """Databases the app reaches by itself (pgtemplate_env, the worker-URL hook): every
