@@ -222,3 +222,29 @@ def test_a_test_reaching_another_database_beside_the_fixtures_is_named_once(
         assert text.count(warning) == 1
         result.stdout.fnmatch_lines(["*if that is your app's own database, its tests and their cleanup ran "
                                      "there. Name the variables your settings read in pgtemplate_env*"])
+
+
+def test_a_run_whose_tests_used_only_another_database_says_so(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E.g. pytest run from a directory whose configuration lacks the plugin's settings."""
+    settings_project(project)
+    project.pytester.makeconftest(WARN_CONFTEST)
+    project.pytester.makepyfile(test_inner='''
+        from sqlalchemy import text
+        from conftest import engine
+
+        def test_through_the_apps_engine():
+            with engine.connect() as conn:
+                conn.execute(text("select count(*) from precious"))
+    ''')
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_NAME", str(url.database))
+        monkeypatch.setenv("APP_DB_PASSWORD", "")
+        result = project.run("-n", "2")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([
+            f"no test used the plugin's databases, but tests connected to {url.database} on 127.0.0.1:5432: "
+            "if they were meant to run on this run's databases, point the app at them (pgtemplate_env) in "
+            f"the configuration pytest found from here ({project.pytester.path}/tox.ini), or run pytest "
+            "where that file is"])

@@ -113,6 +113,7 @@ class TestsGuard:
     worker: str  # this process's worker database, for the message
     mode: Callable[[], str | None]  # REFUSE, WARN or None (the plugin is not in use yet)
     warned: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # other databases reached while not in use
 
     def do_connect(self, dialect: Dialect, record: ConnectionPoolEntry, cargs: tuple[object, ...],
                    cparams: dict[str, object]) -> None:
@@ -120,11 +121,15 @@ class TestsGuard:
         if key is None or dialect.name != "postgresql" or _active_lock.locked():
             return  # a build is under way: its own guard decides
         name = str(cparams[key])
-        mode = self.mode() if not name.startswith(f"{self.prefix}_") else None
-        if mode is None or (mode == WARN and name in self.warned):
+        if name.startswith(f"{self.prefix}_"):
             return
+        mode = self.mode()
         host, port = cparams.get("host"), cparams.get("port")
         at = f" on {host}{f':{port}' if port else ''}" if host else ""
+        if mode is None:
+            self.seen.add(f"{name}{at}")
+        if mode is None or (mode == WARN and name in self.warned):
+            return
         fix = ("Name the variables your settings read in pgtemplate_env, e.g. 'DATABASE_URL' or "
                "'POSTGRES_SERVER={host}, POSTGRES_PORT={port}, POSTGRES_DB={database}': they are set "
                "before any conftest.py is imported.")
@@ -154,6 +159,11 @@ def guard_tests(prefix: str, worker: str, mode: Callable[[], str | None]) -> Non
     guard = TestsGuard(prefix, worker, mode)
     _tests_guards[id(guard)] = guard
     event.listen(Engine, "do_connect", guard.do_connect)
+
+
+def foreign_databases() -> list[str]:
+    """Databases tests reached while the plugin's were not in use (for the summary)."""
+    return sorted(name for guard in _tests_guards.values() for name in guard.seen)
 
 
 def unguard_tests() -> None:

@@ -32,7 +32,7 @@ from .startup import (
     resolve_settings,
     tell_workers,
 )
-from .state import STATE_KEY, PluginState, run_once
+from .state import STATE_KEY, PluginState, has_migrator, run_once
 from .sweep import describe, sweep
 
 
@@ -234,6 +234,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if lines:  # the header's essentials too: -q hides the header
         server = state.server_description or _external_server(state)
         lines.insert(0, f"server: {server}; reset={state.settings.reset}, prefix={state.settings.prefix}")
+    elif state.summary.foreign and has_migrator(state.settings):
+        inifile = config.inipath or "no configuration file"
+        lines = [f"no test used the plugin's databases, but tests connected to "
+                 f"{', '.join(sorted(set(state.summary.foreign)))}: if they were meant to run on this "
+                 f"run's databases, point the app at them (pgtemplate_env) in the configuration pytest "
+                 f"found from here ({inifile}), or run pytest where that file is"]
     if lines:
         terminalreporter.write_sep("-", "pytest-pgtemplate")
         for line in lines:

@@ -20,10 +20,11 @@ class Summary:
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     keep_templates: int = 0  # for the pruning line (the controller's setting)
+    foreign: list[str] = field(default_factory=list)  # databases tests reached, none of ours used
     processes: int = 0
 
     def merge(self, other: dict[str, Any]) -> None:
-        for key in ("templates", "clone_seconds", "databases", "kept", "swept", "pruned"):
+        for key in ("templates", "clone_seconds", "databases", "kept", "swept", "pruned", "foreign"):
             getattr(self, key).extend(other.get(key, []))
         self.processes += int(other.get("processes", 0))
         for strategy, seconds in other.get("reset_seconds", {}).items():

@@ -192,6 +192,10 @@ class PluginState:
         kept_urls: list[str] = []
         if any(runtime.used for runtime in self._runtimes.values()):
             self.summary.processes += 1  # once per process, whatever its databases
+        else:
+            from .guard import foreign_databases
+
+            self.summary.foreign.extend(foreign_databases())
         for runtime in self._runtimes.values():
             self.summary.merge(worker_payload(runtime))
             kept, problems = runtime.close()
