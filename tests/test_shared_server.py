@@ -267,3 +267,13 @@ async def test_advisory_lock_wait_names_the_holder_and_is_bounded() -> None:
     finally:
         await holder.close()
         await waiter.close()
+
+
+def test_gc_with_keep_templates_0_drops_every_unused_template_of_the_prefix(project: Project) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.run("-p", "no:xdist").assert_outcomes(passed=11)
+    (template,) = [db for db in project.databases() if "_tpl_" in db]
+    gc = project.run("--pgt-gc", "--pgt-keep-templates", "0")
+    assert gc.ret == 0
+    gc.stdout.fnmatch_lines([f"dropped {template}"])
+    assert project.databases() == []

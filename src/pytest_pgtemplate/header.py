@@ -19,8 +19,8 @@ def header_lines(config: pytest.Config) -> list[str]:
         return []
     s = state.settings
     builds = has_migrator(s)
-    if builds:
-        state.start_embedded()  # a run that builds databases needs it anyway
+    # The embedded server is started here only by the xdist controller (for its workers):
+    # a single process starts it when a test first needs it (none may: -k, unit tests).
     if state.embedded is not None:
         server = f"{state.server_description} ({state.server_source})"
     elif state.server is None:
@@ -42,6 +42,8 @@ def header_lines(config: pytest.Config) -> list[str]:
 def template_lines(state: PluginState) -> list[str]:
     """Per database: its template, and whether this run reuses it or builds it."""
     if state.server is None:
+        if state.embedded_error is None:
+            return ["pgtemplate: template checked when a test first needs it"]
         return [f"pgtemplate: template not checked: {state.embedded_error}"]
     try:
         url = parse_url(state.server, state.server_source)

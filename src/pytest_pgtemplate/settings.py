@@ -170,7 +170,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "keep_templates",
-        "How many templates per prefix the sweep keeps (newest first); older unused ones are dropped.",
+        "How many templates per project and database the sweep keeps (newest first); older unused "
+        "ones are dropped (0: every unused one, e.g. pytest --pgt-gc --pgt-keep-templates 0).",
         kind="int",
         default=3,
         metavar="N",
@@ -336,8 +337,8 @@ def _to_float(opt: Option, raw: object, rootdir: Path) -> float:
 
 def _to_int(opt: Option, raw: object, rootdir: Path) -> int:
     value = int(str(raw))
-    if value < 1:
-        raise ValueError("expected a whole number of at least 1")
+    if value < 0:
+        raise ValueError("expected a whole number, 0 or more")
     return value
 
 
