@@ -185,10 +185,12 @@ def databases_like(prefix: str) -> list[str]:
 def drop_marked(prefix: str) -> None:
     """Drop what the plugin created under ``prefix`` (marked), and scratch leftovers."""
     with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        templates = {r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datistemplate")}
         for name in databases_like(prefix):
             try:
-                conn.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(
-                    psycopg.sql.Identifier(name)))
+                if name in templates:  # (an invalid database, left by an interrupted drop, is none)
+                    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(
+                        psycopg.sql.Identifier(name)))
                 conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     psycopg.sql.Identifier(name)))
             except psycopg.errors.InvalidCatalogName:
