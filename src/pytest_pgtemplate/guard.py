@@ -149,28 +149,24 @@ class TestsGuard:
             f"an engine made while they import the app). {fix}")
 
 
-_tests_guards: dict[int, TestsGuard] = {}
+_tests_guard: list[TestsGuard] = []  # this process's, once pytest is configured
 
 
 def guard_tests(prefix: str, worker: str, mode: Callable[[], str | None]) -> None:
     """Start watching tests' connections to databases that are not the plugin's (once)."""
-    if _tests_guards:
-        return
-    guard = TestsGuard(prefix, worker, mode)
-    _tests_guards[id(guard)] = guard
-    event.listen(Engine, "do_connect", guard.do_connect)
+    if not _tests_guard:
+        _tests_guard.append(TestsGuard(prefix, worker, mode))
+        event.listen(Engine, "do_connect", _tests_guard[0].do_connect)
 
 
 def foreign_databases() -> list[str]:
     """Databases tests reached while the plugin's were not in use (for the summary)."""
-    return sorted(name for guard in _tests_guards.values() for name in guard.seen)
+    return sorted(name for guard in _tests_guard for name in guard.seen)
 
 
 def unguard_tests() -> None:
-    for guard in _tests_guards.values():
-        event.remove(Engine, "do_connect", guard.do_connect)
-    _tests_guards.clear()
-
+    while _tests_guard:
+        event.remove(Engine, "do_connect", _tests_guard.pop().do_connect)
 
 
 @contextmanager
