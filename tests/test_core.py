@@ -238,3 +238,28 @@ def test_a_reset_blocked_by_another_session_names_it(project: Project) -> None:
             "*was blocked for more than 1 s by pid * (blocker-app, user postgres, idle in transaction): "
             "'SELECT count(*) FROM customer'. Close that connection*"
         ])
+
+
+def database_settings(name: str) -> list[str]:
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        rows = conn.execute("SELECT unnest(setconfig) FROM pg_db_role_setting s JOIN pg_database d "
+                            "ON d.oid = s.setdatabase WHERE d.datname = %s", (name,)).fetchall()
+    return [r[0] for r in rows]
+
+
+@pytest.mark.parametrize(("flag", "expected"), [((), ["synchronous_commit=off"]), (("--pgt-durable",), [])])
+def test_worker_databases_commit_without_waiting_for_the_wal_flush_unless_durable(
+    project: Project, flag: tuple[str, ...], expected: list[str]
+) -> None:
+    project.pytester.makepyfile(test_inner='''
+        from sqlalchemy import text
+
+        def test_setting(pg_sync_session):
+            value = pg_sync_session.execute(text("show synchronous_commit")).scalar()
+            (__import__("pathlib").Path(__file__).parent / "seen").write_text(value)
+    ''')
+    result = project.run("-p", "no:xdist", "--pgt-keep", *flag)
+    result.assert_outcomes(passed=1)
+    (worker,) = [db for db in project.databases() if "_w_" in db]
+    assert database_settings(worker) == expected
+    assert (project.pytester.path / "seen").read_text() == ("off" if expected else "on")

@@ -101,8 +101,10 @@ class Admin:
         return DatabaseInfo(name, Marker.parse(row["comment"]), bool(row["datistemplate"]))
 
     async def create(self, name: str, marker: Marker, template: str | None = None,
-                     strategy: str | None = None) -> None:
-        """CREATE DATABASE (optionally from a template), then mark it ours.
+                     strategy: str | None = None, *, throwaway: bool = False) -> None:
+        """CREATE DATABASE (optionally from a template), then mark it ours.  ``throwaway``:
+        its commits do not wait for the WAL flush (``synchronous_commit = off`` for that
+        database only): a test database need not survive a server crash.
 
         A clone retries while the template is briefly in use by another session
         (SQLSTATE 55006), with bounded backoff.
@@ -127,6 +129,8 @@ class Admin:
                     continue
                 raise self._create_error(name, template, exc) from exc
         await self.mark(name, marker)
+        if throwaway:
+            await self.conn.execute(sql("ALTER DATABASE {} SET synchronous_commit = off", name))
 
     def _create_error(self, name: str, template: str | None,
                       exc: asyncpg.PostgresError) -> PgTemplateError:

@@ -23,13 +23,15 @@ class ClonePool:
     """Ready clones of one template for one process; ``take()`` blocks until one is ready."""
 
     def __init__(self, loop: LoopThread, url: URL, *, template: str, fingerprint: str, prefix: str,
-                 run_id: str, worker: str, strategy: str | None, database: str = "") -> None:
+                 run_id: str, worker: str, strategy: str | None, database: str = "",
+                 throwaway: bool = False) -> None:
         self._loop = loop
         self._url = url
         self._template = template
         self._marker = Marker.new(CLONE, fingerprint, run_id, prefix)
         self._names = (clone_name(prefix, run_id, worker, n, database) for n in itertools.count())
         self._strategy = strategy
+        self._throwaway = throwaway
         self._admin: Admin | None = None
         # Queues bind to a loop on first use only: that is the private loop.
         self._ready: asyncio.Queue[str] = asyncio.Queue()
@@ -52,7 +54,8 @@ class ClonePool:
                 return
             try:
                 if action == "create":
-                    await self._admin.create(name, self._marker, self._template, self._strategy)
+                    await self._admin.create(name, self._marker, self._template, self._strategy,
+                                             throwaway=self._throwaway)
                     self._ready.put_nowait(name)
                 else:
                     await self._admin.drop_ours(name)

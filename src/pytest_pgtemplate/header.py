@@ -31,12 +31,12 @@ def header_lines(config: pytest.Config) -> list[str]:
         except ConfigError:
             server = f"unparsable URL ({state.server_source})"
     lines = [f"pgtemplate: server {server}; " + ", ".join(
-        s.describe(name) for name in ("reset", "prefix") )]
+        s.describe(name) for name in ("reset", "prefix", "durable"))]
     if builds:
         lines.extend(template_lines(state))
     if config.option.verbose > 0:
         lines.append("pgtemplate: " + ", ".join(
-            s.describe(opt.name) for opt in OPTIONS if opt.name not in ("url", "reset", "prefix")))
+            s.describe(opt.name) for opt in OPTIONS if opt.name not in ("url", "reset", "prefix", "durable")))
     return lines
 
 def template_lines(state: PluginState) -> list[str]:

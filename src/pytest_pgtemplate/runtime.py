@@ -126,7 +126,8 @@ class Runtime:
         # A restarted xdist worker reuses its id within the run: replace its database.
         self.loop.run(self._admin.drop_ours(name))
         marker = Marker.new(WORKER, template.fingerprint, self.run_id, self.settings.prefix)
-        self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy))
+        self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy,
+                                         throwaway=not self.settings.durable))
         self.timings.clone_seconds.append(time.perf_counter() - start)
         conn = self.loop.run(connect(self.server_url, name))
         self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
@@ -150,7 +151,7 @@ class Runtime:
             self._pool = ClonePool(
                 self.loop, self.server_url, template=template.name, fingerprint=template.fingerprint,
                 prefix=self.settings.prefix, run_id=self.run_id, worker=self.worker,
-                strategy=self.clone_strategy, database=self._suffix,
+                strategy=self.clone_strategy, database=self._suffix, throwaway=not self.settings.durable,
             )
         start = time.perf_counter()
         name = self._pool.take()

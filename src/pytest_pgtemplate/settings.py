@@ -83,6 +83,14 @@ OPTIONS: tuple[Option, ...] = (
         default=False,
     ),
     Option(
+        "durable",
+        "Keep the server's durability for the plugin's databases; by default worker databases and "
+        "clones get synchronous_commit=off (their commits do not wait for the WAL flush: a test "
+        "database need not survive a crash; the server's other databases are not affected).",
+        kind="bool",
+        default=False,
+    ),
+    Option(
         "alembic_ini",
         "Path to alembic.ini (default: alembic.ini in the rootdir).",
         kind="path",
@@ -203,6 +211,7 @@ class Settings:
     reset: str
     rebuild: bool
     keep: bool
+    durable: bool
     alembic_ini: Path | None
     alembic_x: tuple[str, ...]
     check_downgrade: bool
