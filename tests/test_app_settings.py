@@ -155,6 +155,11 @@ from conftest import engine
 def test_through_the_apps_engine(pg_sync_session):
     with engine.begin() as conn:
         conn.execute(text("delete from precious"))
+
+
+def test_again_through_the_apps_engine(pg_sync_session):
+    with engine.begin() as conn:
+        conn.execute(text("delete from precious"))
 '''
 
 
@@ -167,13 +172,16 @@ def test_tests_never_reach_a_database_the_plugin_did_not_create(
     with developer_database(project) as url:
         monkeypatch.setenv("APP_DB_NAME", str(url.database))
         monkeypatch.setenv("APP_DB_PASSWORD", "")
-        result = project.run("-n", "2")
-        result.assert_outcomes(failed=1)
+        result = project.run("-p", "no:xdist")
+        result.assert_outcomes(failed=2)
         result.stdout.fnmatch_lines([
             f"*pytest-pgtemplate: refused a connection to database {url.database} on 127.0.0.1:5432 from "
             f"a test: this run's tests use its own databases ({project.prefix}_w_* here), and "
             f"{url.database} was not created by pytest-pgtemplate, so it was not touched.*"
-            "Name the variables your settings read in pgtemplate_env*"])
+            "Name the variables your settings read in pgtemplate_env*",
+            # The second test is told in one line (the story is above).
+            f"*pytest-pgtemplate: refused a connection to database {url.database} on 127.0.0.1:5432 from "
+            "a test, as before (the first refusal in this process says why and what to set)."])
         assert tables_of(url) == ["precious"]  # and its row is still there
 
 

@@ -22,7 +22,8 @@ def test_isolation_suite_passes_and_migrates_once(project: Project, xdist: list[
         "template *_tpl_*: built in * s (by *)",
         "worker databases: * cloned, * ms each on average",
         "resets (truncate): 10, p50 * ms, p95 * ms, max * ms",
-        "database overhead: * s (template * s, clones * s, resets * s) = *% of * process(es) x * s",
+        "database overhead: * s (template * s with waits, clones * s, resets * s) = *% of * process(es) "
+        "x * s",
     ])
     assert project.migrations_run() == 1
     expected_workers = 2 if xdist[0] == "-n" else 1

@@ -112,7 +112,7 @@ class TestsGuard:
     prefix: str
     worker: str  # this process's worker database, for the message
     mode: Callable[[], str | None]  # REFUSE, WARN or None (the plugin is not in use yet)
-    warned: set[str] = field(default_factory=set)
+    warned: set[str] = field(default_factory=set)  # warned of (WARN), or refused once (REFUSE)
     seen: set[str] = field(default_factory=set)  # other databases reached while not in use
 
     def do_connect(self, dialect: Dialect, record: ConnectionPoolEntry, cargs: tuple[object, ...],
@@ -131,8 +131,9 @@ class TestsGuard:
         if mode is None or (mode == WARN and name in self.warned):
             return
         fix = ("Name the variables your settings read in pgtemplate_env, e.g. 'DATABASE_URL' or "
-               "'POSTGRES_SERVER={host}, POSTGRES_PORT={port}, POSTGRES_DB={database}': they are set "
-               "before any conftest.py is imported.")
+               "'POSTGRES_SERVER={host}, POSTGRES_PORT={port}, POSTGRES_USER={user}, "
+               "POSTGRES_PASSWORD={password}, POSTGRES_DB={database}': they are set before any "
+               "conftest.py is imported.")
         if mode == WARN:
             self.warned.add(name)
             warnings.warn(PgTemplateWarning(
@@ -140,6 +141,11 @@ class TestsGuard:
                 f"did not create, while this run's tests use {self.worker}: if that is your app's own "
                 f"database, its tests and their cleanup ran there. {fix}"), stacklevel=2)
             return
+        if name in self.warned:  # the whole story was told once; every test would repeat it
+            raise PgTemplateError(
+                f"pytest-pgtemplate: refused a connection to database {name}{at} from a test, as "
+                "before (the first refusal in this process says why and what to set).")
+        self.warned.add(name)
         raise PgTemplateError(
             f"pytest-pgtemplate: refused a connection to database {name}{at} from a test: this run's "
             f"tests use its own databases ({self.worker} here), and {name} was not created by "

@@ -67,7 +67,7 @@ def overhead(summary: Summary, wall: float) -> str | None:
     resets = sum(sum(v) for v in summary.reset_seconds.values())
     total = template + clones + resets
     share = total / (wall * summary.processes) * 100
-    return (f"database overhead: {total:.2f} s (template {template:.2f} s, clones {clones:.2f} s, "
+    return (f"database overhead: {total:.2f} s (template {template:.2f} s with waits, clones {clones:.2f} s, "
             f"resets {resets:.2f} s) = {share:.0f}% of {summary.processes} process(es) x {wall:.1f} s")
 
 
