@@ -163,6 +163,16 @@ def test_xdist_without_any_migrator_starts_no_server(project: Project, embedded_
     assert not embedded_dir.exists()
 
 
+def test_a_single_process_whose_selected_tests_need_no_database_starts_no_server(
+    project: Project, embedded_dir: Path
+) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = project.run("-p", "no:xdist", "-k", "without_database")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["pgtemplate: template checked when a test first needs it"])
+    assert not embedded_dir.exists()
+
+
 LOSES_SERVER = '''
 import os, time
 from pathlib import Path

@@ -503,3 +503,10 @@ def test_a_server_too_old_is_refused_naming_version_and_setting() -> None:
         require_server(12, url)
     assert caught.value.setting == "url"
     require_server(13, url)
+
+
+def test_paths_from_settings_are_normalised() -> None:
+    settings = resolve(ini={"pgtemplate_alembic_ini": "tests/../db/alembic.ini"})
+    assert settings.alembic_ini is not None
+    assert settings.alembic_ini.as_posix() == "/proj/db/alembic.ini"
+    assert ".." not in settings.alembic_ini.parts
