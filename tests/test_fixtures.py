@@ -193,10 +193,10 @@ def test_marker_overrides_reset_for_one_test_and_is_validated(project: Project) 
 
 def test_header_shows_settings_with_their_source(project: Project) -> None:
     project.pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    result = project.run("-p", "no:xdist", "--pgt-reset", "none")
+    result = project.run("-p", "no:xdist", "--pgt-reset", "none", "--pgt-durable")
     result.stdout.fnmatch_lines([
         "pgtemplate: server postgres@127.0.0.1:5432/postgres (PGTEMPLATE_URL); "
-        f"reset=none (--pgt-reset), prefix={project.prefix} (pgtemplate_prefix)"
+        f"reset=none (--pgt-reset), prefix={project.prefix} (pgtemplate_prefix), durable=True (--pgt-durable)"
     ])
 
 
