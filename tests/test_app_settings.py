@@ -134,32 +134,35 @@ def test_a_bad_env_template_names_the_setting_and_the_fields(project: Project) -
         "pgtemplate_env to a valid value."])
 
 
-HOOK_TOO_LATE = '''
+APP_ENGINE_CONFTEST = '''
 import app_settings
 from sqlalchemy import create_engine
 
 engine = create_engine(app_settings.settings.url)  # the app's engine, made at import time
+'''
 
+HOOK_TOO_LATE = APP_ENGINE_CONFTEST + '''
 
 def pytest_pgtemplate_worker_url(url, config, database):
     s = app_settings.settings
     s.host, s.port, s.name, s.user, s.password = url.host, url.port, url.database, url.username, ""
 '''
 
-ENGINE_SUITE = '''
+# Two tests that use the plugin's fixture and, through the app's engine, another database.
+APP_ENGINE_SUITE = '''
 from sqlalchemy import text
 
 from conftest import engine
 
 
-def test_through_the_apps_engine(pg_sync_session):
+def test_one(pg_sync_session):
     with engine.begin() as conn:
-        conn.execute(text("delete from precious"))
+        conn.execute(text("{statement}"))
 
 
-def test_again_through_the_apps_engine(pg_sync_session):
+def test_two(pg_sync_session):
     with engine.begin() as conn:
-        conn.execute(text("delete from precious"))
+        conn.execute(text("{statement}"))
 '''
 
 
@@ -168,7 +171,7 @@ def test_tests_never_reach_a_database_the_plugin_did_not_create(
 ) -> None:
     settings_project(project)
     project.pytester.makeconftest(HOOK_TOO_LATE)
-    project.pytester.makepyfile(test_inner=ENGINE_SUITE)
+    project.pytester.makepyfile(test_inner=APP_ENGINE_SUITE.format(statement="delete from precious"))
     with developer_database(project) as url:
         monkeypatch.setenv("APP_DB_NAME", str(url.database))
         monkeypatch.setenv("APP_DB_PASSWORD", "")
@@ -185,30 +188,6 @@ def test_tests_never_reach_a_database_the_plugin_did_not_create(
         assert tables_of(url) == ["precious"]  # and its row is still there
 
 
-WARN_CONFTEST = '''
-import app_settings
-from sqlalchemy import create_engine
-
-engine = create_engine(app_settings.settings.url)  # the app's engine, on the developer's database
-'''
-
-WARN_SUITE = '''
-from sqlalchemy import text
-
-from conftest import engine
-
-
-def test_one(pg_sync_session):
-    with engine.connect() as conn:
-        conn.execute(text("select count(*) from precious"))
-
-
-def test_two(pg_sync_session):
-    with engine.connect() as conn:
-        conn.execute(text("select count(*) from precious"))
-'''
-
-
 def test_a_test_reaching_another_database_beside_the_fixtures_is_named_once(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,8 +195,8 @@ def test_a_test_reaching_another_database_beside_the_fixtures_is_named_once(
     (project.pytester.path / "migrations" / "env.py").write_text(SYNC_ENV_PY)  # the ini's URL
     project.pytester.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n"
                               "sqlalchemy.url = postgresql+psycopg://u@127.0.0.1/placeholder\n")
-    project.pytester.makeconftest(WARN_CONFTEST)
-    project.pytester.makepyfile(test_inner=WARN_SUITE)
+    project.pytester.makeconftest(APP_ENGINE_CONFTEST)
+    project.pytester.makepyfile(test_inner=APP_ENGINE_SUITE.format(statement="select count(*) from precious"))
     with developer_database(project) as url:
         monkeypatch.setenv("APP_DB_NAME", str(url.database))
         monkeypatch.setenv("APP_DB_PASSWORD", "")
@@ -237,7 +216,7 @@ def test_a_run_whose_tests_used_only_another_database_says_so(
 ) -> None:
     """E.g. pytest run from a directory whose configuration lacks the plugin's settings."""
     settings_project(project)
-    project.pytester.makeconftest(WARN_CONFTEST)
+    project.pytester.makeconftest(APP_ENGINE_CONFTEST)
     project.pytester.makepyfile(test_inner='''
         from sqlalchemy import text
         from conftest import engine

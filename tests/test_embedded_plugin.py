@@ -135,9 +135,10 @@ def nobody_python() -> tuple[list[str], dict[str, str]]:
     return command, env
 
 
-def test_runs_as_a_normal_user(project: Project, embedded_dir: Path) -> None:
+def run_as_nobody(project: Project, embedded_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``pytest -n 2`` on a copy of the project, as the user nobody, on an embedded server of
+    its own; checks that no server outlives the run and cleans up (or skips, see above)."""
     command, env = nobody_python()
-    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
     shared = shared_dir() / f"pgt-proj-{uuid.uuid4().hex[:8]}"
     shutil.copytree(project.pytester.path, shared)
     env["PGT_MIGRATIONS_LOG"] = str(shared / "migrations.log")
@@ -148,12 +149,18 @@ def test_runs_as_a_normal_user(project: Project, embedded_dir: Path) -> None:
             [*command, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider"],
             cwd=shared, env=env, capture_output=True, text=True, timeout=300,
         )
-        assert "11 passed" in result.stdout, result.stdout + result.stderr
-        assert "server: embedded PostgreSQL" in result.stdout
         assert postgres_processes(Path(env["PGTEMPLATE_EMBEDDED_DIR"])) == []
+        return result
     finally:
         shutil.rmtree(shared, ignore_errors=True)
         shutil.rmtree(env["PGTEMPLATE_EMBEDDED_DIR"], ignore_errors=True)
+
+
+def test_runs_as_a_normal_user(project: Project, embedded_dir: Path) -> None:
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = run_as_nobody(project, embedded_dir)
+    assert "11 passed" in result.stdout, result.stdout + result.stderr
+    assert "server: embedded PostgreSQL" in result.stdout
 
 
 def test_xdist_without_any_migrator_starts_no_server(project: Project, embedded_dir: Path) -> None:

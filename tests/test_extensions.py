@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from conftest import Project
 from pytest_pgtemplate import embedded, extensions
 from pytest_pgtemplate.errors import ConfigError, PgTemplateError
-from test_embedded_plugin import embedded_dir, nobody_python, postgres_processes, shared_dir
+from test_embedded_plugin import embedded_dir, run_as_nobody
 
 __all__ = ["embedded_dir"]  # a fixture used here
 
@@ -131,18 +128,6 @@ def test_zero_config_serves_the_extensions_real_migrations_create(
 
 
 def test_zero_config_extensions_as_a_normal_user(project: Project, embedded_dir: Path) -> None:
-    command, env = nobody_python()
     extensions_project(project)
-    shared = shared_dir() / f"pgt-proj-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(project.pytester.path, shared)
-    env["PGT_MIGRATIONS_LOG"] = str(shared / "migrations.log")
-    env["PGTEMPLATE_EMBEDDED_DIR"] = str(embedded_dir) + "-nobody"
-    try:
-        subprocess.run(["chown", "-R", "nobody", str(shared)], check=True)
-        result = subprocess.run([*command, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider"],
-                                cwd=shared, env=env, capture_output=True, text=True, timeout=300)
-        assert "4 passed" in result.stdout, result.stdout + result.stderr
-        assert postgres_processes(Path(env["PGTEMPLATE_EMBEDDED_DIR"])) == []
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
-        shutil.rmtree(env["PGTEMPLATE_EMBEDDED_DIR"], ignore_errors=True)
+    result = run_as_nobody(project, embedded_dir)
+    assert "4 passed" in result.stdout, result.stdout + result.stderr
