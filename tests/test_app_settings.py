@@ -3,7 +3,11 @@ ever writes to the database being built, and the settings can be fed by parts.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
+from sqlalchemy.engine import URL
 
 from conftest import Project
 from test_alembic import REVERSIBLE, SYNC_ENV_PY, developer_database, tables_of
@@ -69,6 +73,15 @@ def test_again(pg_sync_session):
 '''
 
 
+@contextmanager
+def app_on_developer_database(project: Project, monkeypatch: pytest.MonkeyPatch) -> Iterator[URL]:
+    """The app's settings name the developer's own database, as their shell would."""
+    with developer_database(project) as url:
+        monkeypatch.setenv("APP_DB_NAME", str(url.database))
+        monkeypatch.setenv("APP_DB_PASSWORD", "")
+        yield url
+
+
 def settings_project(project: Project) -> None:
     path = project.pytester.path
     (path / "migrations" / "env.py").write_text(SETTINGS_ENV_PY)
@@ -84,9 +97,7 @@ def test_a_build_never_connects_to_the_database_the_apps_settings_name(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings_project(project)
-    with developer_database(project) as url:
-        monkeypatch.setenv("APP_DB_NAME", str(url.database))  # as in the developer's shell
-        monkeypatch.setenv("APP_DB_PASSWORD", "")
+    with app_on_developer_database(project, monkeypatch) as url:
         result = project.run("-p", "no:xdist", "-k", "test_again")  # the plugin's fixture
         result.assert_outcomes(errors=1)
         result.stdout.fnmatch_lines([
@@ -172,9 +183,7 @@ def test_tests_never_reach_a_database_the_plugin_did_not_create(
     settings_project(project)
     project.pytester.makeconftest(HOOK_TOO_LATE)
     project.pytester.makepyfile(test_inner=APP_ENGINE_SUITE.format(statement="delete from precious"))
-    with developer_database(project) as url:
-        monkeypatch.setenv("APP_DB_NAME", str(url.database))
-        monkeypatch.setenv("APP_DB_PASSWORD", "")
+    with app_on_developer_database(project, monkeypatch) as url:
         result = project.run("-p", "no:xdist")
         result.assert_outcomes(failed=2)
         result.stdout.fnmatch_lines([
@@ -197,9 +206,7 @@ def test_a_test_reaching_another_database_beside_the_fixtures_is_named_once(
                               "sqlalchemy.url = postgresql+psycopg://u@127.0.0.1/placeholder\n")
     project.pytester.makeconftest(APP_ENGINE_CONFTEST)
     project.pytester.makepyfile(test_inner=APP_ENGINE_SUITE.format(statement="select count(*) from precious"))
-    with developer_database(project) as url:
-        monkeypatch.setenv("APP_DB_NAME", str(url.database))
-        monkeypatch.setenv("APP_DB_PASSWORD", "")
+    with app_on_developer_database(project, monkeypatch) as url:
         result = project.run("-p", "no:xdist")
         result.assert_outcomes(passed=2)
         text = result.stdout.str()
@@ -225,9 +232,7 @@ def test_a_run_whose_tests_used_only_another_database_says_so(
             with engine.connect() as conn:
                 conn.execute(text("select count(*) from precious"))
     ''')
-    with developer_database(project) as url:
-        monkeypatch.setenv("APP_DB_NAME", str(url.database))
-        monkeypatch.setenv("APP_DB_PASSWORD", "")
+    with app_on_developer_database(project, monkeypatch) as url:
         result = project.run("-n", "2")
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([

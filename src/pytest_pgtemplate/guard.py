@@ -42,7 +42,7 @@ class Guard:
 
     target: URL
     redirect: frozenset[str]
-    what: str  # who connects, for messages: "the migrations", "the seed", ...
+    what: str  # who connects, for messages: "building with alembic upgrade heads (...)"
     redirected: list[str] = field(default_factory=list)
     refused: PgTemplateError | None = None
 

@@ -229,8 +229,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     state = config.stash.get(STATE_KEY, None)
     if state is None or getattr(config, "workerinput", None) is not None:
         return
-    state.summary.keep_templates = state.settings.keep_templates
-    lines = format_summary(state.summary, time.perf_counter() - state.started)
+    lines = format_summary(state.summary, time.perf_counter() - state.started, state.settings.keep_templates)
     if lines:  # the header's essentials too: -q hides the header
         server = state.server_description or _external_server(state)
         lines.insert(0, f"server: {server}; reset={state.settings.reset}, prefix={state.settings.prefix}")

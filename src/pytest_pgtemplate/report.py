@@ -19,7 +19,6 @@ class Summary:
     kept: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
-    keep_templates: int = 0  # for the pruning line (the controller's setting)
     foreign: list[str] = field(default_factory=list)  # databases tests reached, none of ours used
     processes: int = 0
 
@@ -71,7 +70,7 @@ def overhead(summary: Summary, wall: float) -> str | None:
             f"resets {resets:.2f} s) = {share:.0f}% of {summary.processes} process(es) x {wall:.1f} s")
 
 
-def format_summary(summary: Summary, wall: float = 0.0) -> list[str]:
+def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0) -> list[str]:
     lines: list[str] = []
     names = dict.fromkeys(t["name"] for t in summary.templates)  # in order of first use
     for name in names:
@@ -102,7 +101,7 @@ def format_summary(summary: Summary, wall: float = 0.0) -> list[str]:
                      + ", ".join(sorted(summary.swept)))
     if summary.pruned:
         lines.append(f"pruned {len(summary.pruned)} unused template(s) of this project beyond the newest "
-                     f"{summary.keep_templates} (--pgt-keep-templates): " + ", ".join(sorted(summary.pruned)))
+                     f"{keep_templates} (--pgt-keep-templates): " + ", ".join(sorted(summary.pruned)))
     for url in summary.kept:
         lines.append(f"kept worker database: {url}")
     return lines
