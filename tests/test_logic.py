@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from conftest import SERVER_URL
 from pytest_pgtemplate import fingerprint, naming, reset, settings
-from pytest_pgtemplate.admin import Admin
+from pytest_pgtemplate.admin import Admin, run_lock
 from pytest_pgtemplate.db import parse_url
 from pytest_pgtemplate.errors import ConfigError, PgTemplateError
 
@@ -344,6 +344,29 @@ async def test_admin_refuses_to_drop_unmarked_databases(scratch_db: asyncpg.Conn
         assert await admin.drop_ours(name) is False
         assert (await admin.info(name)) is not None
     finally:
+        await admin.close()
+
+
+@pytest.mark.asyncio
+async def test_sweep_spares_a_database_its_owner_kept_after_the_sweep_listed_it() -> None:
+    """The owner's run ends between the sweep's listing and its lock: it marked its worker
+    database kept, so the sweep, which saw a dead run's worker database, must not drop it."""
+    from pytest_pgtemplate.sweep import _drop_if_unused
+
+    name = "scratch_pgt_" + uuid.uuid4().hex[:8]
+    run = uuid.uuid4().hex
+    admin = await Admin.open(parse_url(SERVER_URL, "test"))
+    try:
+        await admin.create(name, naming.Marker.new(naming.WORKER, "f" * 12, run, "scratch"))
+        [listed] = [row for row in await admin.databases() if row.name == name]
+        await admin.mark(name, naming.Marker.new(naming.KEPT, "f" * 12, run, "scratch"))
+        assert await _drop_if_unused(admin, listed, run_lock(run)) is False
+        assert await admin.info(name) is not None
+        [again] = [row for row in await admin.databases() if row.name == name]
+        assert await _drop_if_unused(admin, again, run_lock(run)) is True
+        assert await admin.info(name) is None
+    finally:
+        await admin.conn.execute(naming.sql("DROP DATABASE IF EXISTS {}", name))
         await admin.close()
 
 

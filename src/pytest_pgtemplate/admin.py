@@ -179,13 +179,15 @@ class Admin:
         await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", building, final))
         await self.mark(final, marker)
 
-    async def drop_ours(self, name: str) -> bool:
+    async def drop_ours(self, name: str, *, seen: Marker | None = None) -> bool:
         """Drop ``name`` if it exists and carries our marker; never touch anything else.
+        With ``seen``, only if the marker is still that one: a decision taken on an earlier
+        look (a sweep's) does not hold once the owner has re-marked it (e.g. kept it).
 
         Returns False if there was nothing of ours to drop.
         """
         info = await self.info(name)
-        if info is None or info.marker is None:
+        if info is None or info.marker is None or seen not in (None, info.marker):
             return False
         if info.is_template:
             await self.conn.execute(sql("ALTER DATABASE {} WITH IS_TEMPLATE false", name))

@@ -82,10 +82,12 @@ def _surplus_templates(rows: list[DatabaseRow], keep: int) -> list[DatabaseRow]:
 
 
 async def _drop_if_unused(admin: Admin, row: DatabaseRow, owner_lock: str) -> bool:
+    """Drop ``row`` if nobody holds ``owner_lock`` and its marker is still the one seen
+    (between the listing and the lock its owner may have re-marked and released it)."""
     if not await admin.unused(owner_lock):
         return False
     try:
-        return await admin.drop_ours(row.name)
+        return await admin.drop_ours(row.name, seen=row.marker)
     except asyncpg.PostgresError:
         return False  # e.g. dropped meanwhile by someone else: nothing left to do
     finally:
