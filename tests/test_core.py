@@ -209,11 +209,11 @@ from sqlalchemy import text
 def test_leaves_a_superuser_session_holding_a_lock(pg_sync_session, pg_sync_url):
     pg_sync_session.execute(text("insert into customer (name) values ('x')"))
     pg_sync_session.commit()
-    # Another session, of a role the plugin's role cannot terminate, reads the table the
-    # reset must empty, and stays inside its transaction after the test.
+    # Another session, of a role the plugin's role cannot terminate, locks the row the
+    # reset must delete, and stays inside its transaction after the test.
     url = pg_sync_url.set(drivername="postgresql", username="postgres")
     blocker = psycopg.connect(url.render_as_string(False), application_name="blocker-app")
-    blocker.execute("SELECT count(*) FROM customer")
+    blocker.execute("SELECT name FROM customer FOR UPDATE")
     threading.Timer(4, blocker.close).start()
 """
 
@@ -237,7 +237,7 @@ def test_a_reset_blocked_by_another_session_names_it(project: Project) -> None:
         result = project.run("-p", "no:xdist", "--pgt-url", url, "--pgt-reset-timeout", "1")
         result.stdout.fnmatch_lines([
             "*was blocked for more than 1 s by pid * (blocker-app, user postgres, idle in transaction): "
-            "'SELECT count(*) FROM customer'. Close that connection*"
+            "'SELECT name FROM customer FOR UPDATE'. Close that connection*"
         ])
 
 

@@ -86,3 +86,37 @@ def test_every_strategy_isolates_tests(project: Project, strategy: str, xdist: l
     label = "clone waits" if strategy == "clone" else f"resets ({strategy})"
     result.stdout.fnmatch_lines([f"{label}: *, p50 * ms, p95 * ms, max * ms"])
     assert [db for db in project.databases() if "_c_" in db or "_w_" in db] == []
+
+
+def test_the_summary_names_tables_whose_triggers_slow_the_reset(project: Project) -> None:
+    """A DELETE trigger of the app's own must not fire on the reset's DELETE: such a table
+    takes the general path, and the summary says which table and why (once, -n 2 merged)."""
+    project.add_revision("0003", "0002", """
+    op.execute("CREATE TABLE deleted (name text)")
+    op.execute("CREATE FUNCTION note_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
+               "BEGIN INSERT INTO deleted VALUES (OLD.name); RETURN OLD; END $$")
+    op.execute("CREATE TRIGGER customer_deleted AFTER DELETE ON customer FOR EACH ROW "
+               "EXECUTE FUNCTION note_delete()")
+    """)
+    project.pytester.makepyfile(test_inner='''
+        import pytest
+        from sqlalchemy import text
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_customer(pg_sync_session, i):
+            assert pg_sync_session.execute(text("select count(*) from deleted")).scalar() == 0
+            assert pg_sync_session.execute(text("select count(*) from customer")).scalar() == 0
+            pg_sync_session.execute(text("insert into customer (name) values ('x')"))
+            pg_sync_session.commit()
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_orders_only(pg_sync_session, i):
+            pg_sync_session.execute(text("insert into country values ('es', 'Spain')"))
+            pg_sync_session.commit()
+    ''')
+    result = project.run("-n", "2")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines([
+        "4 of the truncate resets took the slower general path, for tables that one DELETE per table "
+        "cannot reset: customer (a DELETE trigger or rule)"
+    ])

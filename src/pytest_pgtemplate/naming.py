@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 MAX_IDENT_BYTES = 63
 MARKER_TAG = "pytest-pgtemplate"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 TEMPLATE = "template"
 BUILDING = "building"

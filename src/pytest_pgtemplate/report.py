@@ -20,12 +20,16 @@ class Summary:
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # databases tests reached, none of ours used
+    general_resets: int = 0  # truncate resets that took the general (slower) path
+    general_tables: str = ""  # which tables send resets there, and why
     processes: int = 0
 
     def merge(self, other: dict[str, Any]) -> None:
         for key in ("templates", "clone_seconds", "databases", "kept", "swept", "pruned", "foreign"):
             getattr(self, key).extend(other.get(key, []))
         self.processes += int(other.get("processes", 0))
+        self.general_resets += int(other.get("general_resets", 0))
+        self.general_tables = self.general_tables or str(other.get("general_tables", ""))
         for strategy, seconds in other.get("reset_seconds", {}).items():
             self.reset_seconds.setdefault(strategy, []).extend(seconds)
 
@@ -48,6 +52,8 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
         "databases": [] if runtime.current_name is None else [runtime.current_name],
         "swept": list(runtime.timings.swept),
         "pruned": list(runtime.timings.pruned),
+        "general_resets": runtime.general_resets,
+        "general_tables": runtime.general_tables,
     }
 
 
@@ -93,6 +99,11 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
         lines.append(
             f"{what}: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
             f"p95 {percentile(r, 0.95) * 1000:.1f} ms, max {max(r) * 1000:.1f} ms"
+        )
+    if summary.general_resets:
+        lines.append(
+            f"{summary.general_resets} of the truncate resets took the slower general path, for tables "
+            f"that one DELETE per table cannot reset: {summary.general_tables}"
         )
     if (line := overhead(summary, wall)) is not None:
         lines.append(line)

@@ -11,15 +11,21 @@ Tracking is installed once, in the template, after migrating, so every clone has
   template's rows back and restores changed sequences.
 
 So a reset's cost grows with the tables a test wrote, not with the tables that exist.
-With the privilege to set ``session_replication_role`` (superusers), deletes run with
-triggers and FK checks off, table by table; otherwise the dirty tables and every table
-referencing them are truncated together and the snapshot rows re-inserted parents first.
+The usual path is ``_pgtemplate.clear()``, generated at install time from the catalog:
+one static DELETE per table, children first, and the template's rows re-inserted
+parents first, FK checks on (the session caches the plans: no SQL is built or planned
+per test, and no privilege is needed).  Tables it cannot handle that way (a DELETE or
+INSERT trigger or rule of the user's, row-level security, a cycle of foreign keys) take
+the general path: with the privilege to set ``session_replication_role`` (superusers),
+deletes with triggers and FK checks off; otherwise the tables and every table
+referencing them are truncated together, their triggers disabled meanwhile.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -39,16 +45,164 @@ async def install(conn: asyncpg.Connection) -> int:
     """Install reset tracking into a freshly migrated database; returns the tracked tables."""
     async with conn.transaction():
         await conn.execute(INSTALL_SQL)
-        await _install_ddl_detection(conn)
-        edges = await conn.fetch(
-            "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' "
-            "AND conrelid <> confrelid AND conrelid IN (SELECT relid FROM _pgtemplate.tracked)"
-        )
-        levels = fk_levels([(int(e["conrelid"]), int(e["confrelid"])) for e in edges])
+        edges = [(int(r["child"]), int(r["parent"]), bool(r["restrict"]))
+                 for r in await conn.fetch(_EDGES_SQL)]
+        levels = fk_levels([(child, parent) for child, parent, _ in edges if child != parent])
         await conn.executemany(
             "UPDATE _pgtemplate.tracked SET level = $2 WHERE relid = $1", list(levels.items())
         )
+        tables = await _tables(conn)
+        general = general_tables(tables, edges)
+        await conn.executemany("INSERT INTO _pgtemplate.general VALUES ($1, $2)", list(general.items()))
+        await conn.execute(clear_function(tables, edges, set(general)))
+        await _install_ddl_detection(conn)  # last: it would take our own DDL for the test's
         return int(await conn.fetchval("SELECT count(*) FROM _pgtemplate.tracked"))
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A tracked table, as the generated reset sees it."""
+
+    relid: int
+    name: str  # schema-qualified, quoted
+    partitioned: bool
+    level: int  # FK depth: parents before children
+    snapshot: str | None  # the table holding its template rows, if it has any
+    cols: str | None
+    why: str | None = None  # why it needs the general path (the user's triggers, rules, ...)
+
+
+async def _tables(conn: asyncpg.Connection) -> list[Table]:
+    return [Table(int(r["relid"]), r["name"], r["partitioned"], r["level"], r["snapshot"], r["cols"],
+                  r["why"]) for r in await conn.fetch(_TABLES_SQL)]
+
+
+# Triggers and rules of the user's that would fire on the reset's own DELETE (or INSERT of
+# template rows); a partition's count for its root, through which it is reset.
+_TABLES_SQL = """
+WITH trig AS (
+    SELECT coalesce(pg_partition_root(tgrelid)::oid, tgrelid) AS relid,
+           bool_or(tgtype & 8 <> 0) AS on_delete, bool_or(tgtype & 4 <> 0) AS on_insert
+    FROM pg_trigger
+    WHERE NOT tgisinternal AND tgenabled IN ('O', 'A') AND tgname <> '_pgtemplate_dirty'
+    GROUP BY 1
+    UNION ALL
+    SELECT coalesce(pg_partition_root(ev_class)::oid, ev_class),
+           bool_or(ev_type = '4'), bool_or(ev_type = '3')
+    FROM pg_rewrite WHERE rulename <> '_RETURN' GROUP BY 1
+)
+SELECT t.relid, t.relkind = 'p' AS partitioned, t.level, t.snapshot, t.cols,
+       format('%I.%I', n.nspname, c.relname) AS name,
+       CASE WHEN bool_or(trig.on_delete) THEN 'a DELETE trigger or rule'
+            WHEN t.snapshot IS NOT NULL AND bool_or(trig.on_insert)
+                THEN 'an INSERT trigger or rule, and rows in the template'
+            WHEN c.relrowsecurity THEN 'row-level security' END AS why
+FROM _pgtemplate.tracked t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN trig ON trig.relid = t.relid
+GROUP BY t.relid, t.relkind, t.level, t.snapshot, t.cols, n.nspname, c.relname, c.relrowsecurity
+ORDER BY t.relid
+"""
+
+# Foreign keys between tracked tables, as (child, parent, ON DELETE RESTRICT), partitions
+# counted as their roots.
+_EDGES_SQL = """
+SELECT DISTINCT coalesce(pg_partition_root(conrelid)::oid, conrelid) AS child,
+       coalesce(pg_partition_root(confrelid)::oid, confrelid) AS parent, confdeltype = 'r' AS restrict
+FROM pg_constraint
+WHERE contype = 'f' AND conparentid = 0
+  AND coalesce(pg_partition_root(conrelid)::oid, conrelid) IN (SELECT relid FROM _pgtemplate.tracked)
+  AND coalesce(pg_partition_root(confrelid)::oid, confrelid) IN (SELECT relid FROM _pgtemplate.tracked)
+"""
+
+
+def general_tables(tables: list[Table], edges: list[tuple[int, int, bool]]) -> dict[int, str]:
+    """The tables the generated statements cannot reset, and why: those with a ``why`` of
+    their own, those on a cycle of foreign keys (no order deletes them with FK checks on),
+    and self-references ON DELETE RESTRICT (checked row by row, so one DELETE of all rows
+    can fail)."""
+    general = {t.relid: t.why for t in tables if t.why}
+    parents = _parents(edges)
+    for rel in _in_cycles(parents):
+        general.setdefault(rel, "a cycle of foreign keys")
+    for child, parent, restrict in edges:
+        if child == parent and restrict:
+            general.setdefault(child, "a self-reference ON DELETE RESTRICT")
+    return general
+
+
+def clear_function(tables: list[Table], edges: list[tuple[int, int, bool]], general: set[int]) -> str:
+    """``CREATE FUNCTION _pgtemplate.clear(dirty oid[]) RETURNS oid[]``: empty the tables a
+    test wrote, and put the template's rows back, in static statements.
+
+    Targets: the dirty tables, plus every table holding template rows that references one
+    (through tables holding template rows): its rows would block the DELETE, so they go
+    and come back too.  Returns the targets, or NULL (having done nothing) when a target
+    is one of ``general``, which the general path resets.
+    """
+    by_id = {t.relid: t for t in tables}
+    parents = _parents(edges)
+    lines = ["DECLARE targets oid[] := dirty;", "BEGIN"]
+    parents_first = sorted(tables, key=lambda t: (t.level, t.relid))
+    # Names and columns are quoted by the server (format %I, quote_ident); oids are ints.
+    for table in parents_first:
+        reach = _referenced(table.relid, parents, lambda rel: by_id[rel].snapshot is not None)
+        if table.snapshot is not None and reach:
+            add = f"targets := targets || {table.relid}::oid"
+            lines.append(f"    IF dirty && {_oids(reach)} THEN {add}; END IF;")
+    if general:
+        lines.append(f"    IF targets && {_oids(general)} THEN RETURN NULL; END IF;")
+    for table in reversed(parents_first):
+        delete = f"DELETE FROM {'' if table.partitioned else 'ONLY '}{table.name}"  # noqa: S608
+        lines.append(f"    IF {table.relid}::oid = ANY (targets) THEN {delete}; END IF;")
+    for table in parents_first:
+        if table.snapshot is not None:
+            insert = (f"INSERT INTO {table.name} ({table.cols}) OVERRIDING SYSTEM VALUE "  # noqa: S608
+                      f"SELECT {table.cols} FROM _pgtemplate.{_quote(table.snapshot)}")
+            lines.append(f"    IF {table.relid}::oid = ANY (targets) THEN {insert}; END IF;")
+    lines += ["    RETURN targets;", "END"]
+    body = "\n".join(lines)
+    tag = "$clear$"
+    while tag in body:
+        tag = tag[:-1] + "_$"
+    return (f"CREATE OR REPLACE FUNCTION _pgtemplate.clear(dirty oid[]) RETURNS oid[] LANGUAGE plpgsql "
+            f"AS {tag}\n{body}\n{tag}")
+
+
+def _parents(edges: list[tuple[int, int, bool]]) -> dict[int, set[int]]:
+    """Each table's referenced tables (self-references aside)."""
+    parents: dict[int, set[int]] = defaultdict(set)
+    for child, parent, _ in edges:
+        if child != parent:
+            parents[child].add(parent)
+    return parents
+
+
+def _oids(relids: set[int]) -> str:
+    return "'{" + ",".join(str(r) for r in sorted(relids)) + "}'::oid[]"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _referenced(start: int, parents: dict[int, set[int]], onward: Callable[[int], bool]) -> set[int]:
+    """Tables ``start`` references, and those they reference while ``onward`` holds for them."""
+    seen: set[int] = set()
+    todo = list(parents.get(start, ()))
+    while todo:
+        rel = todo.pop()
+        if rel in seen or rel == start:
+            continue
+        seen.add(rel)
+        if onward(rel):
+            todo += parents.get(rel, ())
+    return seen
+
+
+def _in_cycles(parents: dict[int, set[int]]) -> set[int]:
+    """Tables on a cycle of foreign keys (self-references aside)."""
+    return {rel for rel, above in parents.items()
+            if any(rel in _referenced(p, parents, lambda _: True) for p in above)}
 
 
 async def _install_ddl_detection(conn: asyncpg.Connection) -> None:
@@ -90,6 +244,7 @@ class ResetStats:
     seconds: list[float] = field(default_factory=list)
     tables: int = 0
     terminated: int = 0
+    general: int = 0  # resets that took the general path
 
 
 class TruncateReset:
@@ -102,6 +257,7 @@ class TruncateReset:
         self.replica: bool | None = None
         self.stats = ResetStats()
         self.terminated = ""  # who the last reset that terminated sessions terminated
+        self.general_tables = ""  # which tables take the general path, and why (once seen)
 
     async def _can_use_replica(self) -> bool:
         try:
@@ -122,7 +278,7 @@ class TruncateReset:
         try:
             if self.replica is None:
                 self.replica = await self._can_use_replica()
-            tables, _sequences, terminated, ddl = await self.conn.fetchval(
+            tables, _sequences, terminated, ddl, general = await self.conn.fetchval(
                 "SELECT _pgtemplate.reset($1, $2)", self.replica, self.timeout_ms,
                 timeout=max(30.0, self.timeout_ms / 1000 * 6),
             )
@@ -137,6 +293,11 @@ class TruncateReset:
         self.stats.seconds.append(time.perf_counter() - start)
         self.stats.tables += tables
         self.stats.terminated += terminated
+        self.stats.general += general
+        if general and not self.general_tables:
+            self.general_tables = str(await self.conn.fetchval(
+                "SELECT string_agg(format('%s (%s)', relid::regclass, why), ', ' "
+                "ORDER BY relid::regclass::text) FROM _pgtemplate.general"))
         if terminated:
             self.terminated = str(await self.conn.fetchval(
                 "SELECT current_setting('pgtemplate.terminated', true)"))

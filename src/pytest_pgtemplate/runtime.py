@@ -70,6 +70,8 @@ class Runtime:
         self.generation = 0  # bumped when the worker database is re-created
         self.app_found = False  # the app reaches this database by itself (pgtemplate_env, hook)
         self.terminated = ""  # sessions the last reset ended (left inside a transaction)
+        self.general_resets = 0  # truncate resets that took the general path (see reset.py)
+        self.general_tables = ""  # the tables that send a reset there, and why
 
     @property
     def loop(self) -> LoopThread:
@@ -173,13 +175,18 @@ class Runtime:
         re-created from the template (so later tests start clean) and the error raised."""
         if self._db is None or self._resetter is None:
             return
+        resetter = self._resetter
+        general = resetter.stats.general
         try:
-            ddl = self.loop.run(self._resetter.reset())
-            self.terminated, self._resetter.terminated = self._resetter.terminated, ""
+            ddl = self.loop.run(resetter.reset())
+            self.terminated, resetter.terminated = resetter.terminated, ""
         except PgTemplateError as exc:
             self._recover(exc)
             raise
         self._reset_failures = 0
+        if resetter.stats.general > general:
+            self.general_resets += 1
+            self.general_tables = resetter.general_tables
         if ddl is not None:
             start = time.perf_counter()
             self._recreate()

@@ -7,6 +7,8 @@ CREATE TABLE _pgtemplate.tracked (
     snapshot name, cols text);
 CREATE UNLOGGED TABLE _pgtemplate.ddl (tag text NOT NULL, object text);
 CREATE UNLOGGED TABLE _pgtemplate.refreshed (relid oid PRIMARY KEY);
+-- Tables the generated statements of _pgtemplate.clear() leave to the general path, and why.
+CREATE TABLE _pgtemplate.general (relid oid PRIMARY KEY, why text NOT NULL);
 CREATE TABLE _pgtemplate.matviews (relid oid PRIMARY KEY, populated boolean NOT NULL);
 CREATE TABLE _pgtemplate.seqs (
     seqrelid oid PRIMARY KEY, last_value bigint NOT NULL, is_called boolean NOT NULL,
@@ -99,6 +101,7 @@ DECLARE
     n_seq integer := 0;
     n_term integer;
     term_info text;
+    general boolean := false;
 BEGIN
     PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
     PERFORM set_config('pgtemplate.resetting', 'on', true);  -- our own DDL is not the test's
@@ -131,6 +134,12 @@ BEGIN
     END IF;
     SELECT coalesce(array_agg(relid), '{}') INTO dirty FROM _pgtemplate.dirty;
     IF cardinality(dirty) > 0 THEN
+        -- The usual case: statements generated at install time (plans cached by the
+        -- session), FK checks and triggers on.  NULL: a target needs the general path.
+        targets := _pgtemplate.clear(dirty);
+    END IF;
+    IF cardinality(dirty) > 0 AND targets IS NULL THEN
+        general := true;
         IF replica THEN
             -- Triggers (ours included) and FK checks off: each table on its own.
             PERFORM set_config('session_replication_role', 'replica', true);
@@ -167,6 +176,8 @@ BEGIN
         FOREACH statement IN ARRAY enable_again LOOP
             EXECUTE statement;
         END LOOP;
+    END IF;
+    IF cardinality(dirty) > 0 THEN
         DELETE FROM _pgtemplate.dirty;
     END IF;
     FOR r IN SELECT m.relid, m.populated FROM _pgtemplate.refreshed f
@@ -182,5 +193,6 @@ BEGIN
         PERFORM setval(r.seqrelid, r.last_value, r.is_called);
         n_seq := n_seq + 1;
     END LOOP;
-    RETURN ARRAY[cardinality(dirty), n_seq, n_term, (SELECT count(*) FROM _pgtemplate.ddl)::integer];
+    RETURN ARRAY[cardinality(dirty), n_seq, n_term, (SELECT count(*) FROM _pgtemplate.ddl)::integer,
+                 general::integer];
 END $fn$;
