@@ -393,6 +393,32 @@ def test_logic_modules_never_import_pytest() -> None:
             )
 
 
+def test_the_package_imports_itself_in_a_line_not_a_circle() -> None:
+    """Every import between the package's modules (lazy ones inside functions and
+    TYPE_CHECKING ones included) points down: no module reaches itself again."""
+    names = {path.stem for path, _ in _modules()}
+    below: dict[str, set[str]] = {}
+    for path, tree in _modules():
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {a.name for a in node.names}
+        below[path.stem] = found & names
+
+    def cycle_from(start: str, at: str, trail: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in sorted(below[at]):
+            if nxt == start:
+                return (*trail, nxt)
+            if nxt not in trail:
+                found = cycle_from(start, nxt, (*trail, nxt))
+                if found:
+                    return found
+        return None
+
+    cycles = [" -> ".join(c) for m in sorted(names) if (c := cycle_from(m, m, (m,)))]
+    assert cycles == []
+
+
 SQL_CALLS = {"execute", "fetch", "fetchrow", "fetchval", "executemany"}
 
 

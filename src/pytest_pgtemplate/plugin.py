@@ -87,16 +87,10 @@ async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
         await admin.close()
 
 
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """Before any conftest.py is imported: see ``startup.early_setup``."""
     early_setup(early_config)
-
-
-
-
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -126,53 +120,14 @@ def pytest_configure(config: pytest.Config) -> None:
         guard_tests(state.settings.prefix, state.planned_name(), state.guard_mode)
 
 
-
-
-
-
-
-
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     from . import hooks
 
     pluginmanager.add_hookspecs(hooks)
 
 
-
-
-
-
-
-
-
-
-def marker_reset(marker: pytest.Mark) -> str:
-    """The ``reset`` of a ``@pytest.mark.pgtemplate(reset=...)`` marker, validated."""
-
-    def signature(*, reset: str) -> str:
-        return reset
-
-    try:
-        reset = signature(*marker.args, **marker.kwargs)
-    except TypeError:
-        given = ", ".join([*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())])
-        pytest.fail(
-            f"pytest-pgtemplate: bad marker @pytest.mark.pgtemplate({given}): it takes one keyword, "
-            "reset; use @pytest.mark.pgtemplate(reset=\"clone\") (or truncate, rollback, none)",
-            pytrace=False,
-        )
-    if reset not in RESET_STRATEGIES:
-        pytest.fail(
-            f"pytest-pgtemplate: @pytest.mark.pgtemplate(reset={reset!r}): expected one of "
-            + ", ".join(RESET_STRATEGIES), pytrace=False,
-        )
-    return reset
-
-
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return header_lines(config)
-
-
 
 
 @pytest.hookimpl(trylast=True)

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy.engine import URL
 
 from .db import LoopThread, parse_url
+from .engines import Engines
 from .errors import PgTemplateError
-from .fixtures import Engines
 from .report import Summary, worker_payload
 from .runtime import Runtime
 from .settings import DEFAULT_DATABASE, Settings
