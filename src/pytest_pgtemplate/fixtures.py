@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from .appenv import env_names
 from .errors import PgTemplateWarning
 from .naming import FIXTURE_BASES, fixture_name
+from .profile import Clock
 from .runtime import WorkerDatabase
 from .settings import RESET_STRATEGIES
 from .state import STATE_KEY, PluginState
@@ -246,9 +247,9 @@ _FIXTURES: dict[str, tuple[Callable[..., Any], bool]] = {
 
 def fixtures_for(database: str) -> dict[str, Any]:
     """Every fixture of one database, by name, ready to be found in a plugin namespace."""
+    name = fixture_name("_pgt_database", database)
     made: dict[str, Any] = {
-        fixture_name("_pgt_database", database):
-            pytest.fixture(name=fixture_name("_pgt_database", database))(_database_fixture(database)),
+        name: pytest.fixture(name=name)(_renamed(_database_fixture(database), name, database)),
     }
     for base, (func, is_async) in _FIXTURES.items():
         name = fixture_name(base, database)
@@ -265,7 +266,8 @@ def fixtures_for(database: str) -> dict[str, Any]:
 def _renamed(func: Callable[..., Any], name: str, database: str) -> Callable[..., Any]:
     """A new function calling ``func``, whose fixture parameters carry the names they have
     for ``database`` (``pg_engine`` -> ``pg_analytics_engine``).  Always a fresh object, so
-    markings that pytest-asyncio puts on one do not reach another."""
+    markings that pytest-asyncio puts on one do not reach another.  Its setup and teardown
+    count as the plugin's time in --pgt-profile."""
     signature = inspect.signature(func)
     back = {fixture_name(p, database): p for p in signature.parameters if p in FIXTURE_BASES}
 
@@ -275,16 +277,27 @@ def _renamed(func: Callable[..., Any], name: str, database: str) -> Callable[...
     wrapper: Callable[..., Any]
     if inspect.isasyncgenfunction(func):
         async def async_wrapper(**kwargs: object) -> AsyncIterator[object]:
-            async for value in func(**args(kwargs)):
-                yield value
+            agen = func(**args(kwargs))
+            with Clock("setup"):
+                value = await agen.__anext__()
+            yield value
+            with Clock("teardown"):
+                async for value in agen:
+                    yield value
         wrapper = async_wrapper
     elif inspect.isgeneratorfunction(func):
         def gen_wrapper(**kwargs: object) -> Iterator[object]:
-            yield from func(**args(kwargs))
+            gen = func(**args(kwargs))
+            with Clock("setup"):
+                value = next(gen)
+            yield value
+            with Clock("teardown"):
+                yield from gen
         wrapper = gen_wrapper
     else:
         def plain_wrapper(**kwargs: object) -> object:
-            return func(**args(kwargs))
+            with Clock("setup"):
+                return func(**args(kwargs))
         wrapper = plain_wrapper
     wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p.replace(name=fixture_name(p.name, database)) if p.name in back.values() else p

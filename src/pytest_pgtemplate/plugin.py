@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import pytest
 from sqlalchemy.engine import URL
 
+from . import IMPORT_STARTED, profile
 from .admin import Admin
 from .db import parse_url, where
 from .errors import PgTemplateError
@@ -118,6 +119,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if not is_controller:
         call_worker_url_hook(config, state)
         guard_tests(state.settings.prefix, state.planned_name(), state.guard_mode)
+        if state.settings.profile:
+            profile.ACTIVE = profile.Profiler(marks={"import_start": IMPORT_STARTED, "imported": _IMPORTED})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if profile.ACTIVE is not None:
+        profile.ACTIVE.mark("first_setup")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -148,6 +157,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             if json.loads(os.environ[CONTROLLER_ENV]).get("pid") == os.getpid():
                 del os.environ[CONTROLLER_ENV]
     unguard_tests()
+    profile.ACTIVE = None
     state = config.stash.get(STATE_KEY, None)
     if state is not None and state.embedded is not None:
         state.embedded.stop()
@@ -188,6 +198,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if lines:  # the header's essentials too: -q hides the header
         server = state.server_description or _external_server(state)
         lines.insert(0, f"server: {server}; reset={state.settings.reset}, prefix={state.settings.prefix}")
+        if state.settings.profile:
+            resets = [s for k, v in state.summary.reset_seconds.items() if k != "clone" for s in v]
+            lines += profile.format_profile(state.summary.profile, resets)
     elif state.summary.foreign and has_migrator(state.settings):
         inifile = config.inipath or "no configuration file"
         lines = [f"no test used the plugin's databases, but tests connected to "
@@ -212,6 +225,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
+    if profile.ACTIVE is not None:
+        profile.ACTIVE.phase_done(report.when, report.duration)
     state = item.config.stash.get(STATE_KEY, None)
     if report.failed and state is not None:
         used = set(getattr(item, "fixturenames", ()))
@@ -235,3 +250,6 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fixturedef, "func", twin)
         return (yield)
+
+
+_IMPORTED = time.perf_counter()  # for --pgt-profile: the plugin's import ends here

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .profile import merge as merge_profile
 from .runtime import Runtime
 
 
@@ -23,6 +24,7 @@ class Summary:
     general_resets: int = 0  # truncate resets that took the general (slower) path
     general_tables: str = ""  # which tables send resets there, and why
     processes: int = 0
+    profile: dict[str, Any] = field(default_factory=dict)  # --pgt-profile: see profile.py
 
     def merge(self, other: dict[str, Any]) -> None:
         for key in ("templates", "clone_seconds", "databases", "kept", "swept", "pruned", "foreign"):
@@ -30,6 +32,7 @@ class Summary:
         self.processes += int(other.get("processes", 0))
         self.general_resets += int(other.get("general_resets", 0))
         self.general_tables = self.general_tables or str(other.get("general_tables", ""))
+        merge_profile(self.profile, other.get("profile", {}))
         for strategy, seconds in other.get("reset_seconds", {}).items():
             self.reset_seconds.setdefault(strategy, []).extend(seconds)
 

@@ -91,6 +91,14 @@ OPTIONS: tuple[Option, ...] = (
         default=False,
     ),
     Option(
+        "profile",
+        "Add a profile to the summary: per test, the time of setup, call and teardown, and of "
+        "the plugin's fixtures and resets within them; per process, where the time before its "
+        "first test went.",
+        kind="bool",
+        default=False,
+    ),
+    Option(
         "alembic_ini",
         "Path to alembic.ini (default: alembic.ini in the rootdir).",
         kind="path",
@@ -212,6 +220,7 @@ class Settings:
     rebuild: bool
     keep: bool
     durable: bool
+    profile: bool
     alembic_ini: Path | None
     alembic_x: tuple[str, ...]
     check_downgrade: bool

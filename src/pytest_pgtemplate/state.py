@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 from sqlalchemy.engine import URL
 
+from . import profile
 from .db import LoopThread, parse_url
 from .engines import Engines
 from .errors import PgTemplateError
@@ -196,6 +197,8 @@ class PluginState:
             from .guard import foreign_databases
 
             self.summary.foreign.extend(foreign_databases())
+        if profile.ACTIVE is not None:
+            self.summary.merge({"profile": profile.ACTIVE.to_dict()})
         for runtime in self._runtimes.values():
             self.summary.merge(worker_payload(runtime))
             kept, problems = runtime.close()
