@@ -95,6 +95,46 @@ def test_session_scoped_event_loop_reuses_pooled_connections_and_closes_them(
     assert "unclosed" not in result.stderr.str()
 
 
+FUNCTION_LOOP_SUITE = """
+import time
+
+import pytest
+from sqlalchemy import text
+
+PIDS = []
+
+
+@pytest.mark.parametrize("i", range(4))
+async def test_function_loop(pg_session, i):
+    PIDS.append((await pg_session.execute(text("select pg_backend_pid()"))).scalar())
+    await pg_session.execute(text("insert into customer (name) values ('x')"))
+    await pg_session.commit()
+
+
+def test_each_loop_connected_anew_and_every_connection_is_gone(pg_sync_session):
+    assert len(set(PIDS)) == 4
+    # Closed without waiting for the server: the backends end shortly after.
+    for _ in range(50):
+        alive = pg_sync_session.execute(
+            text("select count(*) from pg_stat_activity where pid = any(:pids)"), {"pids": PIDS}
+        ).scalar()
+        if alive == 0:
+            break
+        time.sleep(0.05)
+    assert alive == 0
+"""
+
+
+def test_function_scoped_loops_close_their_connections_without_leaks_or_warnings(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.pytester.makepyfile(test_loop=FUNCTION_LOOP_SUITE)
+    monkeypatch.setenv("PYTHONWARNINGS", "always::ResourceWarning")
+    result = project.run("-p", "no:xdist", "-W", "error::pytest.PytestUnraisableExceptionWarning")
+    result.assert_outcomes(passed=5)
+    assert "unclosed" not in result.stderr.str() + result.stdout.str()
+
+
 def test_a_test_loop_scope_other_than_the_fixtures_is_named_before_the_test(project: Project) -> None:
     project.pytester.makeini(f"""
         [pytest]
