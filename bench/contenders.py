@@ -28,6 +28,10 @@ TWO = ("-n", "2")
 FUNCTION_LOOPS = ("-o", "asyncio_default_fixture_loop_scope=function",
                   "-o", "asyncio_default_test_loop_scope=function")
 BASELINE = "ours-n2-warm"
+PROFILE = ("--pgt-profile",)  # the warm runs of ours report where their time went
+# The small suite's contenders: one process, a hand-written per-run setup against ours.
+SMALL_SUITE = ("floor", "ours-1-cold", "ours-1-warm", "classic", "rollback")
+SMALL_BASELINE = "classic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +68,8 @@ def contenders(url: str, prefix: str, embedded_dir: Path) -> list[Contender]:
                   "n/a", (*SINGLE, *NO_PPG, "--collect-only"), collect_only=True),
         *_ours_matrix(ours, "truncate"),
         Contender("ours-n2-warm-fnloop", "pytest-pgtemplate truncate, function-scoped event loops",
-                  "ours", "-n 2", "warm", (*TWO, *ours, "--pgt-reset", "truncate", *FUNCTION_LOOPS),
-                  full_only=True),
+                  "ours", "-n 2", "warm",
+                  (*TWO, *ours, "--pgt-reset", "truncate", *FUNCTION_LOOPS, *PROFILE), full_only=True),
     ]
     # Every other strategy the plugin offers, once each (at the quick size on a few tests).
     result += [
@@ -100,10 +104,10 @@ def _ours_matrix(ours: tuple[str, ...], strategy: str) -> list[Contender]:
     label = f"pytest-pgtemplate {strategy}"
     return [
         Contender("ours-1-cold", label, "ours", "1", "cold", (*SINGLE, *ours, *reset, *rebuild)),
-        Contender("ours-1-warm", label, "ours", "1", "warm", (*SINGLE, *ours, *reset)),
+        Contender("ours-1-warm", label, "ours", "1", "warm", (*SINGLE, *ours, *reset, *PROFILE)),
         Contender("ours-n2-cold", label, "ours", "-n 2", "cold", (*TWO, *ours, *reset, *rebuild),
                   full_only=True),
-        Contender(BASELINE, label, "ours", "-n 2", "warm", (*TWO, *ours, *reset)),
+        Contender(BASELINE, label, "ours", "-n 2", "warm", (*TWO, *ours, *reset, *PROFILE)),
     ]
 
 

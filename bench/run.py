@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +50,8 @@ class Size:
     slow_subset: int | None = None  # tests the slowest contenders run (None: the whole suite)
     repeat: int = 1  # runs of each quick contender; the median is reported
     quick: bool = False  # skip the contenders marked full_only
+    small_tables: int = 4  # the small suite: the common case of a young project
+    small_tests: int = 40
 
 
 SIZES = {
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             with _phase(phases, "wall-time runs"):
                 runs = _wall_times(size, projects[size.tables], work, url, prefix, embedded_dir,
                                    out / "logs", args.only)
+            with _phase(phases, "small suite"):
+                small = _small_suite(size, work, url, prefix, embedded_dir, out / "logs", args.only)
             cells: list[resetbench.Cell] = []
             if not args.no_reset_bench:
                 with _phase(phases, "reset micro-benchmark"):
@@ -89,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"dropped {len(dropped)} databases named {prefix}*")
     load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     meta = report.Meta(size.name, pgadmin.describe_server(url), _machine(), size.tables, size.tests,
-                       started, phases, load, plugin)
-    _write(out, meta, runs, cells)
+                       started, phases, load, plugin, size.small_tables, size.small_tests)
+    _write(out, meta, runs, cells, small)
     print((out / "results.md").read_text())
-    return 0 if all(r.status == "passed" for r in runs) else 1
+    return 0 if all(r.status == "passed" for r in runs + small) else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,6 +183,34 @@ def _wall_times(size: Size, project: Path, work: Path, url: URL, prefix: str, em
     return results
 
 
+def _small_suite(size: Size, work: Path, url: URL, prefix: str, embedded_dir: Path, logs: Path,
+                 only: str) -> list[contenders.RunResult]:
+    """The small suite, one process: ours (cold, warm) against hand-written per-run setups."""
+    keys = set(contenders.SMALL_SUITE) & (set(only.split(",")) if only else set(contenders.SMALL_SUITE))
+    if not keys:
+        return []
+    root = work / "small"
+    project = root / "project"
+    generate.write_project(project, build_schema(size.small_tables), size.small_tests)
+    server = url.render_as_string(hide_password=False)
+    env = contenders.base_env(server, prefix + "_s")
+    results = []
+    for contender in contenders.contenders(server, prefix + "_s", embedded_dir):
+        if contender.key not in keys:
+            continue
+        contender = replace(contender, key=f"small-{contender.key}")
+        directory = _contender_dir(project, root, contender.kind)
+        times = size.repeat if contender.repeatable else 1
+        result = contenders.median_of([
+            contenders.run(contender, directory, tests=size.small_tests, env=env, logs=logs,
+                           timeout=size.timeout, attempt=attempt)
+            for attempt in range(1, times + 1)
+        ])
+        _log(f"  {contender.key}: {result.status} in {result.seconds:.1f} s ({result.detail})")
+        results.append(result)
+    return results
+
+
 def _contender_dir(project: Path, work: Path, kind: str) -> Path:
     """A copy of the suite with this kind's conftest.py (made once per kind)."""
     directory = work / f"run-{kind}"
@@ -203,13 +235,13 @@ def _reset_bench(size: Size, projects: dict[int, Path], url: URL, prefix: str) -
 
 
 def _write(out: Path, meta: report.Meta, runs: list[contenders.RunResult],
-           cells: list[resetbench.Cell]) -> None:
-    (out / "results.md").write_text(report.markdown(meta, runs, cells))
+           cells: list[resetbench.Cell], small: list[contenders.RunResult]) -> None:
+    (out / "results.md").write_text(report.markdown(meta, runs, cells, small))
     report.chart(out / "chart.png", meta, runs, cells)
     raw = {
         "meta": asdict(meta),
         "runs": [{"key": r.contender.key, "label": r.contender.label, "status": r.status,
-                  "seconds": r.seconds, "detail": r.detail} for r in runs],
+                  "seconds": r.seconds, "detail": r.detail} for r in runs + small],
         "reset": [{"tables": c.tables, "written": c.written, "method": c.method,
                    "clean": c.clean, "samples_ms": [s * 1000 for s in c.samples]} for c in cells],
     }
