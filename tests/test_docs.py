@@ -90,6 +90,11 @@ def test_defaults_read_as_words(hooks: ModuleType) -> None:
     assert by_name["alembic_x"] == "not set"
 
 
+def test_the_site_publishes_pages_and_assets_not_the_hooks(site: Path) -> None:
+    assert not list(site.rglob("*.py"))
+    assert not list(site.rglob("__pycache__"))
+
+
 def test_the_site_builds_under_strict_and_its_reference_shows_every_option_and_its_help(site: Path) -> None:
     text = page_text(site, "configuration")
     for opt in OPTIONS:
