@@ -60,7 +60,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "url",
         "PostgreSQL server URL (e.g. postgresql://user:pw@host:5432/postgres); its database "
-        "is the maintenance database used for CREATE/DROP DATABASE and locks.",
+        "is the maintenance database used for CREATE/DROP DATABASE and locks. Not set: the plugin "
+        "starts an embedded PostgreSQL server of its own.",
         metavar="URL",
     ),
     Option(
@@ -72,13 +73,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "rebuild",
-        "Rebuild the template even if one with the same fingerprint exists.",
+        "Rebuild the template even if one with the same fingerprint exists (once per run).",
         kind="bool",
         default=False,
     ),
     Option(
         "keep",
-        "Keep the worker databases after the run and print their URLs.",
+        "Keep the worker databases after the run (as the last test's reset left them) and print "
+        "their URLs.",
         kind="bool",
         default=False,
     ),
