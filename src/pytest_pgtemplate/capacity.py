@@ -18,7 +18,6 @@ once, with the numbers, says which budget to raise.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,13 +82,14 @@ def refused(exc: BaseException) -> bool:
     return errors.find(exc, errors.TOO_MANY_CONNECTIONS) is not None
 
 
-async def explain(conn: asyncpg.Connection | None, server: str, exc: BaseException, *,
+async def explain(conn: asyncpg.Connection | None, server: str, exc: BaseException, *, workers: int = 0,
                   brief: Callable[[], bool] = lambda: False) -> PgTemplateError | None:
     """``exc`` as the out-of-connections error, with the counts ``conn`` (the admin
     connection) reads; None if ``exc`` is not about connection slots.
 
     psycopg reports a refused connection without its SQLSTATE: a failed psycopg connect
-    counts only when a limit is found reached.  ``brief()``, asked only for such an error:
+    counts only when a limit is found reached.  ``workers``: the run's xdist workers, if
+    known, to say what it needs.  ``brief()``, asked only for such an error:
     name the limit without the advice (this run's first report gave it)."""
     sure = refused(exc)
     if not sure and not _failed_psycopg_connect(exc):
@@ -102,7 +102,7 @@ async def explain(conn: asyncpg.Connection | None, server: str, exc: BaseExcepti
             seen = None
     if not sure and (seen is None or _verdict(seen) is None):
         return None
-    return PgTemplateError(message(server, seen, exc, brief=brief()), setting="url")
+    return PgTemplateError(message(server, seen, exc, workers=workers, brief=brief()), setting="url")
 
 
 def _failed_psycopg_connect(exc: BaseException) -> bool:
@@ -113,7 +113,8 @@ def _failed_psycopg_connect(exc: BaseException) -> bool:
     return failure is not None and errors.sqlstate(failure) is None
 
 
-def message(server: str, seen: Usage | None, exc: BaseException, *, brief: bool = False) -> str:
+def message(server: str, seen: Usage | None, exc: BaseException, *, workers: int = 0,
+            brief: bool = False) -> str:
     """The one message for a refusal (``seen``: the counts, when a connection could read them)."""
     head = f"pytest-pgtemplate: out of connections to {server}: "
     verdict = None if seen is None else _verdict(seen)
@@ -127,7 +128,7 @@ def message(server: str, seen: Usage | None, exc: BaseException, *, brief: bool 
         what, fix = verdict
     if brief:
         return f"{head}{what} (this run's first report of it says what to change)."
-    return (f"{head}{what}. {_budget()} {fix}, run fewer workers (-n) or CI jobs at once, or point "
+    return (f"{head}{what}. {_budget(workers)} {fix}, run fewer workers (-n) or CI jobs at once, or point "
             "--pgt-url / PGTEMPLATE_URL / pgtemplate_url at a server or role with room.")
 
 
@@ -157,8 +158,7 @@ def _verdict(u: Usage) -> tuple[str, str] | None:
     return None
 
 
-def _budget() -> str:
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+def _budget(workers: int) -> str:
     total = f", so -n {workers} needs {workers * PER_PROCESS}" if workers else ""
     return (f"Each pytest process of a run keeps {PER_PROCESS} connections open per database (admin, "
             f"reset, the test's engine){total}, plus other runs' on the same server.")

@@ -7,6 +7,7 @@ Tests of one process run one at a time, so no locking is needed here.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -102,7 +103,9 @@ class Runtime:
         (the first process to tell it leaves a note); later reports name the limit only."""
         if self._admin is None:
             return None  # the admin connection was refused: connect() said so already
-        return self.loop.run(capacity.explain(self._admin.conn, where(self.server_url), exc,
+        # xdist tells its workers how many they are; a process that is none may inherit that.
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) if self.worker != "main" else 0
+        return self.loop.run(capacity.explain(self._admin.conn, where(self.server_url), exc, workers=workers,
                                               brief=lambda: not _first(self._capacity_note())))
 
     def _capacity_note(self) -> Path:
