@@ -31,9 +31,10 @@ from .naming import ident
 # What one pytest process (one xdist worker, or the only process) keeps open per database
 # while its tests run: the admin connection (maintenance database: DDL, advisory locks),
 # the reset connection (worker database) and the test's engine connection (one pooled
-# connection per test, shared by its sessions).  Transient: +1 while it builds the template
-# (the migrator's engine), +1 for a test using both the async and the sync fixtures, +1 for
-# the clone pool's admin connection under reset=clone.
+# connection per test, shared by its sessions).  More: +1 for a test using both the async
+# and the sync fixtures, +1 for the clone pool's admin connection under reset=clone.  A build
+# needs 2 (admin, the migrator's engine: no reset connection yet); the xdist controller
+# opens 1 briefly, for the report header, before its workers start.
 PER_PROCESS = 3
 
 
