@@ -277,3 +277,33 @@ def test_gc_with_keep_templates_0_drops_every_unused_template_of_the_prefix(proj
     assert gc.ret == 0
     gc.stdout.fnmatch_lines([f"dropped {template}"])
     assert project.databases() == []
+
+
+@pytest.mark.asyncio
+async def test_the_list_calls_a_run_alive_by_its_shared_lock_not_by_a_sweeper_holding_it() -> None:
+    from pytest_pgtemplate.admin import Admin, run_lock
+    from pytest_pgtemplate.db import parse_url
+    from pytest_pgtemplate.naming import WORKER, Marker
+    from pytest_pgtemplate.sweep import describe
+
+    url = parse_url(SERVER_URL, "test")
+    prefix = "scratch_" + os.urandom(3).hex()
+    owner, sweeper, lister = await Admin.open(url), await Admin.open(url), await Admin.open(url)
+    name = f"{prefix}_w_x"
+    try:
+        await owner.create(name, Marker.new(WORKER, "f" * 20, "run" + prefix, prefix))
+
+        async def state() -> str:
+            (line,) = [line for line in await describe(lister) if line.startswith(name + " ")]
+            return line.split(", ")[-1].split(")")[0]
+
+        assert await state() == "dead"
+        assert await sweeper.unused(run_lock("run" + prefix))  # a sweeper about to drop it
+        assert await state() == "dead"
+        await sweeper.unlock(run_lock("run" + prefix))
+        await owner.hold_shared(run_lock("run" + prefix))
+        assert await state() == "alive"
+    finally:
+        await sweeper.drop_ours(name)
+        for admin in (owner, sweeper, lister):
+            await admin.close()

@@ -244,6 +244,16 @@ class Admin:
             return False
         return bool(await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)))
 
+    async def held_shared(self, name: str) -> bool:
+        """True while a live session holds ``name``'s lock shared (a run, a template's user).
+        A sweeper holding it exclusively, to drop what it guards, is no sign of life."""
+        return bool(await self.conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND mode = 'ShareLock' AND objsubid = 1 AND database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()) AND ((classid::bigint << 32) | objid::bigint) = $1)",
+            lock_key(name),
+        ))
+
     async def databases(self) -> list[DatabaseRow]:
         """Every database on the server with its marker (None: not ours) and size."""
         rows = await self.conn.fetch(

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
-from . import errors
+from . import capacity, errors
 from .errors import PgTemplateError
 
 T = TypeVar("T")
@@ -133,6 +133,8 @@ async def connect(url: URL, database: str | None = None) -> asyncpg.Connection:
 
 def _connect_error(target: URL, exc: asyncpg.PostgresError) -> PgTemplateError:
     code = errors.sqlstate(exc)
+    if code == errors.TOO_MANY_CONNECTIONS:  # with no connection to read the counts from
+        return PgTemplateError(capacity.message(where(target), None, exc), setting="url")
     if code in (errors.INVALID_PASSWORD, errors.INVALID_AUTHORIZATION):
         what = f"authentication failed for user {target.username!r}"
         fix = "fix the user/password in"

@@ -228,6 +228,11 @@ def pytest_runtest_makereport(
     if profile.ACTIVE is not None:
         profile.ACTIVE.phase_done(report.when, report.duration)
     state = item.config.stash.get(STATE_KEY, None)
+    if report.failed and state is not None and call.excinfo and item.config.option.tbstyle != "long":
+        # Out of connections: our sentence instead of the driver's traceback.
+        explained = state.explain(call.excinfo.value)
+        if explained is not None:
+            report.longrepr = str(explained)
     if report.failed and state is not None:
         used = set(getattr(item, "fixturenames", ()))
         names = [fixture_name("_pgt_database", d) for d in state.settings.database_names]

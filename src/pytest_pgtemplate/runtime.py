@@ -7,17 +7,20 @@ Tests of one process run one at a time, so no locking is needed here.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 from sqlalchemy.engine import URL
 
+from . import capacity
 from .admin import Admin, run_lock
 from .clones import ClonePool
-from .db import CONNECTION_LOST, LoopThread, connect, lost, with_driver
+from .db import CONNECTION_LOST, LoopThread, connect, lost, where, with_driver
 from .errors import PgTemplateError, PgTemplateWarning
 from .migrate import Migrator
 from .migrators import make_migrator
@@ -25,7 +28,7 @@ from .naming import KEPT, WORKER, Marker, worker_name
 from .reset import TruncateReset
 from .settings import DEFAULT_DATABASE, Settings
 from .sweep import sweep
-from .template import BuildRequest, Template, ensure, notify_stderr
+from .template import BuildRequest, Template, ensure, lock_dir, notify_stderr
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +93,25 @@ class Runtime:
             try:
                 self._db = self._create()
             except PgTemplateError as exc:
-                self._failure = exc
+                self._failure = self.explain(exc) or exc
+                if self._failure is not exc:
+                    raise self._failure from exc
                 raise
         return self._db
+
+    def explain(self, exc: BaseException) -> PgTemplateError | None:
+        """``exc`` as the out-of-connections error if the server refused a connection for
+        lack of slots (see ``capacity``), else None.  The whole story is told once per run
+        (the first process to tell it leaves a note); later reports name the limit only."""
+        if self._admin is None:
+            return None  # the admin connection was refused: connect() said so already
+        # xdist tells its workers how many they are; a process that is none may inherit that.
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) if self.worker != "main" else 0
+        return self.loop.run(capacity.explain(self._admin.conn, where(self.server_url), exc, workers=workers,
+                                              brief=lambda: not _first(self._capacity_note())))
+
+    def _capacity_note(self) -> Path:
+        return lock_dir() / f"{self.run_id}-capacity.failed"  # pruned with the failure notes
 
     def _create(self) -> WorkerDatabase:
         if self._admin is None:
@@ -293,3 +312,12 @@ class Runtime:
     def _kept_marker(self) -> Marker:
         assert self.timings.template is not None
         return Marker.new(KEPT, self.timings.template.fingerprint, self.run_id, self.settings.prefix)
+
+
+def _first(note: Path) -> bool:
+    """True for the one process of a run that creates ``note``."""
+    try:
+        note.touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True

@@ -183,6 +183,10 @@ class PluginState:
         runtimes = [self._runtimes.get(name) for name in self.settings.database_names]
         return all(r is not None and r.failed for r in runtimes)
 
+    def explain(self, exc: BaseException) -> PgTemplateError | None:
+        """A test's error as the out-of-connections error, if it is one (``Runtime.explain``)."""
+        return next((e for r in self._runtimes.values() if r.used and (e := r.explain(exc))), None)
+
     def current_databases(self) -> list[str]:
         return [r.current_name for r in self._runtimes.values() if r.current_name is not None]
 

@@ -103,7 +103,7 @@ async def describe(admin: Admin) -> list[str]:
         if marker is None:
             continue
         is_template = marker.kind == TEMPLATE
-        used = await _in_use(admin, use_lock(row.name) if is_template else run_lock(marker.run))
+        used = await admin.held_shared(use_lock(row.name) if is_template else run_lock(marker.run))
         state = ("in use" if used else "unused") if is_template else ("alive" if used else "dead")
         size = "?" if row.size is None else f"{row.size / 1e6:.1f} MB"
         lines.append(
@@ -112,13 +112,6 @@ async def describe(admin: Admin) -> list[str]:
             f"age {_age(now - marker.created)}  {size}"
         )
     return lines
-
-
-async def _in_use(admin: Admin, lock: str) -> bool:
-    if await admin.unused(lock):
-        await admin.unlock(lock)
-        return False
-    return True
 
 
 def _age(seconds: float) -> str:

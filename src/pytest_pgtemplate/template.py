@@ -29,7 +29,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from sqlalchemy.engine import URL
 
-from . import fingerprint, reset
+from . import capacity, fingerprint, reset
 from .admin import NOTIFY_AFTER, Admin, use_lock
 from .appenv import temporary_env
 from .db import LoopThread, connect, where
@@ -106,7 +106,11 @@ def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
         try:
             built = _reuse_or_build(loop, admin, request, name, fp)
         except PgTemplateError as exc:
-            failed_note.write_text(str(exc))
+            # Out of connections: say so with the counts (the note is what other processes quote).
+            clear = loop.run(capacity.explain(admin.conn, where(admin.url), exc))
+            failed_note.write_text(str(clear or exc))
+            if clear is not None:
+                raise clear from exc
             raise
         finally:
             loop.run(admin.unlock(name))
