@@ -68,6 +68,9 @@ def test_the_summary_shows_the_profile_under_xdist_and_in_one_process(project: P
         assert seconds(text, "setup   ") >= seconds(text, "setup   .*; in the plugin's fixtures")
         teardown_plugin = seconds(text, "teardown.*; in the plugin's fixtures")
         assert seconds(text, "teardown") >= teardown_plugin >= seconds(text, "of it resets")
+        # Function-scoped loops (the inner project's): a connection per test, and the advice.
+        result.stdout.fnmatch_lines(["  connections opened by the plugin's async engine: 6 (about one "
+                                     "per test: function-scoped event loops*"])
         which = " (the slowest of 2 processes)" if processes == 2 else ""
         result.stdout.fnmatch_lines([
             f"  startup  * s from the process's start to its first test's call{which}: Python and pytest "

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from . import profile
 from .errors import PgTemplateError
 from .runtime import WorkerDatabase
 
@@ -105,6 +106,8 @@ class Engines:
 
     def _opened(self, dbapi_connection: object, _record: object) -> None:
         self._connections.append(dbapi_connection)
+        if profile.ACTIVE is not None:
+            profile.ACTIVE.connections += 1
 
     def _check(self, key: tuple[str, int]) -> None:
         # Another database (a clone), or the worker database was re-created: the

@@ -39,6 +39,7 @@ class Profiler:
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     plugin: dict[str, list[float]] = field(default_factory=lambda: {"setup": [], "teardown": []})
     startup: dict[str, float] = field(default_factory=dict)
+    connections: int = 0  # opened by the plugin's async engines
     _current: dict[str, float] = field(default_factory=lambda: {"setup": 0.0, "teardown": 0.0})
     marks: dict[str, float] = field(default_factory=dict)  # perf_counter moments
 
@@ -76,7 +77,7 @@ class Profiler:
             self.startup["before"] = max(0.0, age - since_import)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phases": self.phases, "plugin": self.plugin,
+        return {"phases": self.phases, "plugin": self.plugin, "connections": self.connections,
                 "startups": [self.startup] if self.startup else []}
 
 
@@ -107,6 +108,7 @@ def merge(into: dict[str, Any], other: dict[str, Any]) -> None:
         for key, values in other.get(group, {}).items():
             into.setdefault(group, {}).setdefault(key, []).extend(values)
     into.setdefault("startups", []).extend(other.get("startups", []))
+    into["connections"] = into.get("connections", 0) + other.get("connections", 0)
 
 
 def _stats(values: list[float]) -> str:
@@ -132,6 +134,14 @@ def format_profile(profile: dict[str, Any], resets: list[float]) -> list[str]:
             line += f"; in the plugin's fixtures {_stats(plugin[phase])}"
         if phase == "teardown" and resets:
             line += f", of it resets {_stats(resets)}"
+        lines.append(line)
+    tests, opened = len(phases["call"]), int(profile.get("connections", 0))
+    if opened:
+        line = f"  connections opened by the plugin's async engine: {opened}"
+        if opened * 2 > tests > 1:
+            line += (" (about one per test: function-scoped event loops, each test connects anew; a "
+                     "session-scoped loop keeps connections warm: asyncio_default_fixture_loop_scope "
+                     "= session, and the same for the tests' loops)")
         lines.append(line)
     startups: list[dict[str, float]] = profile.get("startups", [])
     if startups:
