@@ -180,12 +180,14 @@ BEGIN
     IF cardinality(dirty) > 0 THEN
         DELETE FROM _pgtemplate.dirty;
     END IF;
-    FOR r IN SELECT m.relid, m.populated FROM _pgtemplate.refreshed f
-             JOIN _pgtemplate.matviews m USING (relid) LOOP
-        EXECUTE format('REFRESH MATERIALIZED VIEW %s %s', r.relid::regclass,
-                       CASE WHEN r.populated THEN '' ELSE 'WITH NO DATA' END);
-    END LOOP;
-    DELETE FROM _pgtemplate.refreshed;
+    IF EXISTS (SELECT FROM _pgtemplate.refreshed) THEN  -- rare: skip the DELETE's cost
+        FOR r IN SELECT m.relid, m.populated FROM _pgtemplate.refreshed f
+                 JOIN _pgtemplate.matviews m USING (relid) LOOP
+            EXECUTE format('REFRESH MATERIALIZED VIEW %s %s', r.relid::regclass,
+                           CASE WHEN r.populated THEN '' ELSE 'WITH NO DATA' END);
+        END LOOP;
+        DELETE FROM _pgtemplate.refreshed;
+    END IF;
     -- Sequences: a changed one (also by a rolled-back insert), or any owned by a table
     -- we emptied (catches setval(..., false) on a sequence never called in the template).
     FOR r IN SELECT seqrelid, last_value, is_called FROM _pgtemplate.seqs
