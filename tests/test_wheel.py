@@ -166,10 +166,10 @@ class Venv:
     path: Path
     env: dict[str, str]
 
-    def run(self, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        exe = args[0] if args[0].startswith("/") else str(self.path / "bin" / args[0])
-        return subprocess.run([exe, *args[1:]], cwd=cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+    def run(self, program: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        """``program`` from the venv's bin/, in ``cwd``, with the clean environment."""
+        return subprocess.run([str(self.path / "bin" / program), *args], cwd=cwd, env=self.env,
+                              capture_output=True, text=True, timeout=600)
 
     def pip_install(self, *requirements: str) -> None:
         done = self.run("pip", "install", "-q", *requirements, cwd=self.path)
