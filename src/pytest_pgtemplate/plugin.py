@@ -12,6 +12,14 @@ from collections.abc import Generator
 from typing import Any, Protocol
 
 import pytest
+
+from . import supported
+
+# Before the imports below: with a too-old SQLAlchemy or pytest-asyncio they would fail as a
+# traceback naming no version; a usage error says what to upgrade.
+if _unsupported := supported.problems():
+    raise pytest.UsageError(supported.message(_unsupported))
+
 from sqlalchemy.engine import URL
 
 from . import IMPORT_STARTED, profile
