@@ -240,3 +240,4 @@ def test_a_run_whose_tests_used_only_another_database_says_so(
             "if they were meant to run on this run's databases, point the app at them (pgtemplate_env) in "
             f"the configuration pytest found from here ({project.pytester.path}/tox.ini), or run pytest "
             "where that file is"])
+

@@ -309,3 +309,69 @@ def test_a_users_own_pg_session_is_used_under_anyio_too(project: Project) -> Non
             assert pg_session.info.get("mine")
     ''')
     project.run("-p", "no:xdist", "-p", "anyio").assert_outcomes(passed=1)
+
+
+ENV_PLUGIN = '''
+import os
+
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    # As pytest-env does with its `env` setting: the developer's database, from the config.
+    os.environ["APP_URL"] = "postgresql://postgres@127.0.0.1:5432/scratch_not_the_worker"
+'''
+
+ORDER_CONFTEST = '''
+import os
+
+import psycopg
+import pytest
+
+# An engine-like handle built when the conftest is imported, from the environment.
+APP_URL = os.environ["APP_URL"]
+
+
+@pytest.fixture(autouse=True)
+def app_rows():
+    yield
+    # Teardown of the app's own autouse fixture (in the rootdir's conftest): the reset of
+    # the worker database has not happened yet, so the test's row is still there.
+    with psycopg.connect(APP_URL) as conn:
+        assert conn.execute("select count(*) from customer").fetchone()[0] == 1
+'''
+
+ORDER_SUITE = '''
+import psycopg
+
+import conftest
+
+
+def test_writes_through_the_app():
+    with psycopg.connect(conftest.APP_URL) as conn:
+        name = conn.execute("select current_database()").fetchone()[0]
+        assert name.startswith("PREFIX_w_"), name
+        conn.execute("insert into customer (name) values ('x')")
+
+
+def test_again_clean():
+    test_writes_through_the_app()
+'''
+
+
+def test_pgtemplate_env_wins_over_an_env_plugin_and_resets_after_the_apps_fixtures(project: Project) -> None:
+    """A plugin that sets variables from the configuration (pytest-env style, a ``tryfirst``
+    hook, registered before ours) does not win over ``pgtemplate_env``; and the reset comes
+    after the teardown of the rootdir conftest's autouse fixtures (pytest 8 orders autouse
+    fixtures of one directory by registration: the plugin registers its own first)."""
+    project.pytester.makepyfile(envplug=ENV_PLUGIN)
+    # The app's layout: its pytest.ini and conftest.py in tests/, pytest run from above.
+    tests = project.pytester.mkdir("tests")
+    (tests / "pytest.ini").write_text(f"[pytest]\npgtemplate_prefix = {project.prefix}\n"
+                                      "pgtemplate_alembic_ini = ../alembic.ini\n")
+    (tests / "conftest.py").write_text(ORDER_CONFTEST)
+    (tests / "routes").mkdir()
+    (tests / "routes" / "test_order.py").write_text(ORDER_SUITE.replace("PREFIX", project.prefix))
+    result = project.run("-p", "envplug", "-p", "no:xdist", "--pgt-env", "APP_URL=postgresql", "tests")
+    result.assert_outcomes(passed=2)

@@ -33,7 +33,8 @@ def test_a_profiler_splits_tests_into_phases_and_the_plugins_share() -> None:
     lines = profile.format_profile(run, resets=[0.001, 0.003])
     assert lines[0] == "profile of 4 tests, per test:"
     assert lines[2].startswith("  call     p50 100.0 ms, mean 75.0 ms, total 0.30 s")
-    assert lines[3].endswith("of it resets p50 3.0 ms, mean 2.0 ms, total 0.00 s")
+    assert lines[3].endswith("; resets (part of the plugin's fixtures, 2 of them) p50 3.0 ms, mean 2.0 ms, "
+                             "total 0.00 s")
     assert "(the slowest of 2 processes)" in lines[4]
 
 
@@ -67,7 +68,8 @@ def test_the_summary_shows_the_profile_under_xdist_and_in_one_process(project: P
         # The plugin's fixtures are part of setup and teardown; resets part of the teardown's.
         assert seconds(text, "setup   ") >= seconds(text, "setup   .*; in the plugin's fixtures")
         teardown_plugin = seconds(text, "teardown.*; in the plugin's fixtures")
-        assert seconds(text, "teardown") >= teardown_plugin >= seconds(text, "of it resets")
+        assert seconds(text, "teardown") >= teardown_plugin >= seconds(text, r"resets \(part of the plugin's "
+                                                                       r"fixtures, 6 of them\)")
         # Function-scoped loops (the inner project's): a connection per test, and the advice.
         result.stdout.fnmatch_lines(["  connections opened by the plugin's async engine: 6 (about one "
                                      "per test: function-scoped event loops*"])

@@ -34,7 +34,7 @@ from .errors import PgTemplateWarning
 from .naming import FIXTURE_BASES, fixture_name
 from .profile import Clock
 from .runtime import WorkerDatabase
-from .settings import RESET_STRATEGIES
+from .settings import DEFAULT_DATABASE, RESET_STRATEGIES
 from .state import STATE_KEY, PluginState
 
 
@@ -325,11 +325,11 @@ def _app_databases(request: pytest.FixtureRequest) -> None:
 
 def common_fixtures() -> dict[str, Any]:
     """The fixtures shared by all databases (the autouse ones of app integration)."""
+    # Names no database's fixtures can take (those start with "_pgt_" or "pg_").
+    session_name, test_name = "_pgtemplate_app_session_databases", "_pgtemplate_app_databases"
     return {
-        # Names no database's fixtures can take (those start with "_pgt_" or "pg_").
-        "_pgtemplate_app_session_databases":
-            pytest.fixture(scope="session", autouse=True, name="_pgtemplate_app_session_databases")(
-                _app_session_databases),
-        "_pgtemplate_app_databases":
-            pytest.fixture(autouse=True, name="_pgtemplate_app_databases")(_app_databases),
+        session_name: pytest.fixture(scope="session", autouse=True, name=session_name)(
+            _renamed(_app_session_databases, session_name, DEFAULT_DATABASE)),
+        test_name: pytest.fixture(autouse=True, name=test_name)(
+            _renamed(_app_databases, test_name, DEFAULT_DATABASE)),
     }

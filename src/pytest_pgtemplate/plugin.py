@@ -96,9 +96,13 @@ async def _command(url: URL, settings: Settings, *, gc: bool) -> list[str]:
         await admin.close()
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Before any conftest.py is imported: see ``startup.early_setup``."""
+    """Before any conftest.py is imported (pytest loads them last): see ``startup.early_setup``.
+
+    Not ``tryfirst``: plugins that set environment variables from the configuration
+    (pytest-env's ``env``) do so in ``tryfirst`` hooks; a variable the user names in
+    ``pgtemplate_env`` must end up with the worker database, whatever the plugins' order.
+    """
     early_setup(early_config)
 
 

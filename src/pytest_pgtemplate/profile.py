@@ -82,9 +82,11 @@ class Profiler:
 
 
 class Clock:
-    """``with Clock(phase):`` adds the block's time to the active profiler's current test."""
+    """``with Clock(phase):`` adds the block's time to the active profiler's current test.
+    Nested blocks (a fixture asking for another with getfixturevalue) count once."""
 
     __slots__ = ("_phase", "_start")
+    _depth = 0
 
     def __init__(self, phase: str) -> None:
         self._phase = phase
@@ -92,10 +94,12 @@ class Clock:
 
     def __enter__(self) -> None:
         self._start = time.perf_counter()
+        Clock._depth += 1
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if ACTIVE is not None:
+        Clock._depth -= 1
+        if ACTIVE is not None and Clock._depth == 0:
             ACTIVE.add(self._phase, time.perf_counter() - self._start)
 
 
@@ -133,7 +137,7 @@ def format_profile(profile: dict[str, Any], resets: list[float]) -> list[str]:
         if plugin.get(phase):
             line += f"; in the plugin's fixtures {_stats(plugin[phase])}"
         if phase == "teardown" and resets:
-            line += f", of it resets {_stats(resets)}"
+            line += f"; resets (part of the plugin's fixtures, {len(resets)} of them) {_stats(resets)}"
         lines.append(line)
     tests, opened = len(phases["call"]), int(profile.get("connections", 0))
     if opened:

@@ -31,6 +31,9 @@ def early_setup(early_config: pytest.Config) -> None:
     state = new_state(early_config, resolve_settings(early_config, early=True))
     early_config.stash[STATE_KEY] = state
     point_env_vars(early_config, state)
+    # Before the conftests too: the plugin's autouse fixtures are then set up before theirs
+    # and torn down (the reset) after theirs, even for a conftest in the rootdir.
+    register_fixtures(early_config, state.settings)
 
 
 # The xdist controller tells its workers, through their inherited environment, what they
