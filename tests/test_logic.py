@@ -578,6 +578,10 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
         BEGIN INSERT INTO deleted_log VALUES (1); RETURN NULL; END $$;
         CREATE TABLE guarded (id int);
         CREATE TRIGGER guarded_log AFTER DELETE ON guarded FOR EACH STATEMENT EXECUTE FUNCTION log_delete();
+        CREATE TABLE cascaded (country text REFERENCES country ON DELETE CASCADE);
+        CREATE TRIGGER cascaded_log AFTER DELETE ON cascaded FOR EACH STATEMENT EXECUTE FUNCTION log_delete();
+        CREATE TABLE flags (id int PRIMARY KEY, dirty boolean, targets int);
+        INSERT INTO flags VALUES (1, false, 0);
         CREATE TABLE hen (id int PRIMARY KEY, egg int);
         CREATE TABLE egg (id int PRIMARY KEY, hen int REFERENCES hen);
         ALTER TABLE hen ADD FOREIGN KEY (egg) REFERENCES egg DEFERRABLE INITIALLY DEFERRED;
@@ -600,16 +604,30 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
     await resetter.reset()
     assert resetter.stats.general == 2
     assert await conn.fetchval("SELECT (SELECT count(*) FROM hen) + (SELECT count(*) FROM egg)") == 0
+    # Emptying country would cascade into cascaded, whose statement trigger fires even when
+    # no row matches: country takes the general path, and deleted_log stays empty.
+    await conn.execute("UPDATE country SET name = 'x' WHERE code = 'FR'")
+    await resetter.reset()
+    assert resetter.stats.general == 3
+    assert await conn.fetchval("SELECT count(*) FROM deleted_log") == 0
+    assert await fk_state(conn) == before
+    # Columns named like the generated function's variables do not clash with them.
+    await conn.execute("UPDATE flags SET dirty = true, targets = 5")
+    await resetter.reset()
+    assert resetter.stats.general == 3
+    assert tuple(await conn.fetchrow("SELECT dirty, targets FROM flags")) == (False, 0)
     assert resetter.general_tables == (
-        "egg (a cycle of foreign keys), guarded (a DELETE trigger or rule), hen (a cycle of foreign keys)"
+        "cascaded (a DELETE trigger or rule), country (its ON DELETE action on public.cascaded fires the "
+        "user's triggers), egg (a cycle of foreign keys), guarded (a DELETE trigger or rule), "
+        "hen (a cycle of foreign keys)"
     )
 
 
 def test_general_tables_are_cycles_restricted_self_references_and_tables_with_a_reason() -> None:
     t = [reset.Table(rel, f"t{rel}", False, 0, None, None, "row-level security" if rel == 5 else None)
          for rel in range(1, 7)]
-    edges = [(2, 1, False), (3, 2, False), (1, 3, False),  # 1 -> 3 -> 2 -> 1
-             (4, 4, True), (6, 6, False), (6, 1, False)]
+    edges = [(2, 1, "a"), (3, 2, "a"), (1, 3, "a"),  # 1 -> 3 -> 2 -> 1
+             (4, 4, "r"), (6, 6, "a"), (6, 1, "a")]
     assert reset.general_tables(t, edges) == {
         1: "a cycle of foreign keys", 2: "a cycle of foreign keys", 3: "a cycle of foreign keys",
         4: "a self-reference ON DELETE RESTRICT", 5: "row-level security",

@@ -132,11 +132,18 @@ TERMINATE = b"X\x00\x00\x00\x04"  # the protocol's Terminate message: no log lin
 
 
 def _close_without_waiting(dbapi_connection: object) -> None:
-    """Close one asyncpg connection (behind SQLAlchemy's adapter) at once."""
+    """Close one asyncpg connection (behind SQLAlchemy's adapter) at once.  One opened on a
+    loop already closed (a failed setup, ``asyncio.run`` in a test) is left to its GC."""
     raw = getattr(dbapi_connection, "driver_connection", None)
-    if raw is None or raw.is_closed():
-        return
-    transport = getattr(raw, "_transport", None)  # asyncpg's; absent, the socket just closes
-    if transport is not None and not transport.is_closing():
-        transport.write(TERMINATE)
-    raw.terminate()
+    try:
+        if raw is None:  # not the adapter we know: its own forced close
+            getattr(dbapi_connection, "terminate", lambda: None)()
+            return
+        if raw.is_closed():
+            return
+        transport = getattr(raw, "_transport", None)  # asyncpg's; absent, the socket just closes
+        if transport is not None and not transport.is_closing():
+            transport.write(TERMINATE)
+        raw.terminate()
+    except RuntimeError:  # "Event loop is closed"
+        pass

@@ -45,7 +45,7 @@ async def install(conn: asyncpg.Connection) -> int:
     """Install reset tracking into a freshly migrated database; returns the tracked tables."""
     async with conn.transaction():
         await conn.execute(INSTALL_SQL)
-        edges = [(int(r["child"]), int(r["parent"]), bool(r["restrict"]))
+        edges = [(int(r["child"]), int(r["parent"]), str(r["action"]))
                  for r in await conn.fetch(_EDGES_SQL)]
         levels = fk_levels([(child, parent) for child, parent, _ in edges if child != parent])
         await conn.executemany(
@@ -70,11 +70,13 @@ class Table:
     snapshot: str | None  # the table holding its template rows, if it has any
     cols: str | None
     why: str | None = None  # why it needs the general path (the user's triggers, rules, ...)
+    on_delete: bool = False  # the user's DELETE / UPDATE triggers or rules: an FK action
+    on_update: bool = False  # reaching this table from a table the reset empties fires them
 
 
 async def _tables(conn: asyncpg.Connection) -> list[Table]:
     return [Table(int(r["relid"]), r["name"], r["partitioned"], r["level"], r["snapshot"], r["cols"],
-                  r["why"]) for r in await conn.fetch(_TABLES_SQL)]
+                  r["why"], r["on_delete"], r["on_update"]) for r in await conn.fetch(_TABLES_SQL)]
 
 
 # Triggers and rules of the user's that would fire on the reset's own DELETE (or INSERT of
@@ -82,13 +84,14 @@ async def _tables(conn: asyncpg.Connection) -> list[Table]:
 _TABLES_SQL = """
 WITH trig AS (
     SELECT coalesce(pg_partition_root(tgrelid)::oid, tgrelid) AS relid,
-           bool_or(tgtype & 8 <> 0) AS on_delete, bool_or(tgtype & 4 <> 0) AS on_insert
+           bool_or(tgtype & 8 <> 0) AS on_delete, bool_or(tgtype & 4 <> 0) AS on_insert,
+           bool_or(tgtype & 16 <> 0) AS on_update
     FROM pg_trigger
     WHERE NOT tgisinternal AND tgenabled IN ('O', 'A') AND tgname <> '_pgtemplate_dirty'
     GROUP BY 1
     UNION ALL
     SELECT coalesce(pg_partition_root(ev_class)::oid, ev_class),
-           bool_or(ev_type = '4'), bool_or(ev_type = '3')
+           bool_or(ev_type = '4'), bool_or(ev_type = '3'), bool_or(ev_type = '2')
     FROM pg_rewrite WHERE rulename <> '_RETURN' GROUP BY 1
 )
 SELECT t.relid, t.relkind = 'p' AS partitioned, t.level, t.snapshot, t.cols,
@@ -96,18 +99,20 @@ SELECT t.relid, t.relkind = 'p' AS partitioned, t.level, t.snapshot, t.cols,
        CASE WHEN bool_or(trig.on_delete) THEN 'a DELETE trigger or rule'
             WHEN t.snapshot IS NOT NULL AND bool_or(trig.on_insert)
                 THEN 'an INSERT trigger or rule, and rows in the template'
-            WHEN c.relrowsecurity THEN 'row-level security' END AS why
+            WHEN c.relrowsecurity THEN 'row-level security' END AS why,
+       coalesce(bool_or(trig.on_delete), false) AS on_delete,
+       coalesce(bool_or(trig.on_update), false) AS on_update
 FROM _pgtemplate.tracked t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN trig ON trig.relid = t.relid
 GROUP BY t.relid, t.relkind, t.level, t.snapshot, t.cols, n.nspname, c.relname, c.relrowsecurity
 ORDER BY t.relid
 """
 
-# Foreign keys between tracked tables, as (child, parent, ON DELETE RESTRICT), partitions
-# counted as their roots.
+# Foreign keys between tracked tables, as (child, parent, ON DELETE action: a NO ACTION,
+# r RESTRICT, c CASCADE, n SET NULL, d SET DEFAULT), partitions counted as their roots.
 _EDGES_SQL = """
 SELECT DISTINCT coalesce(pg_partition_root(conrelid)::oid, conrelid) AS child,
-       coalesce(pg_partition_root(confrelid)::oid, confrelid) AS parent, confdeltype = 'r' AS restrict
+       coalesce(pg_partition_root(confrelid)::oid, confrelid) AS parent, confdeltype::text AS action
 FROM pg_constraint
 WHERE contype = 'f' AND conparentid = 0
   AND coalesce(pg_partition_root(conrelid)::oid, conrelid) IN (SELECT relid FROM _pgtemplate.tracked)
@@ -115,22 +120,46 @@ WHERE contype = 'f' AND conparentid = 0
 """
 
 
-def general_tables(tables: list[Table], edges: list[tuple[int, int, bool]]) -> dict[int, str]:
+def general_tables(tables: list[Table], edges: list[tuple[int, int, str]]) -> dict[int, str]:
     """The tables the generated statements cannot reset, and why: those with a ``why`` of
     their own, those on a cycle of foreign keys (no order deletes them with FK checks on),
-    and self-references ON DELETE RESTRICT (checked row by row, so one DELETE of all rows
-    can fail)."""
+    self-references ON DELETE RESTRICT (checked row by row, so one DELETE of all rows can
+    fail), and tables whose rows' deletion fires the user's triggers elsewhere: an ON DELETE
+    CASCADE / SET NULL / SET DEFAULT runs a DELETE or UPDATE on the referencing table, and
+    its statement triggers fire even when no row matches."""
+    by_id = {t.relid: t for t in tables}
     general = {t.relid: t.why for t in tables if t.why}
     parents = _parents(edges)
     for rel in _in_cycles(parents):
         general.setdefault(rel, "a cycle of foreign keys")
-    for child, parent, restrict in edges:
-        if child == parent and restrict:
+    for child, parent, action in edges:
+        if child == parent and action == "r":
             general.setdefault(child, "a self-reference ON DELETE RESTRICT")
+    fires: dict[int, bool] = {}
+
+    def fires_on_delete(rel: int, seen: frozenset[int]) -> bool:
+        """Deleting rows of ``rel`` fires the user's triggers (its own, or through FK actions)."""
+        if rel not in fires:
+            fires[rel] = by_id[rel].on_delete or any(
+                _action_fires(by_id, child, action, seen | {rel}, fires_on_delete)
+                for child, parent, action in edges if parent == rel and child not in seen | {rel})
+        return fires[rel]
+
+    for child, parent, action in edges:
+        if _action_fires(by_id, child, action, frozenset({parent}), fires_on_delete):
+            why = f"its ON DELETE action on {by_id[child].name} fires the user's triggers"
+            general.setdefault(parent, why)
     return general
 
 
-def clear_function(tables: list[Table], edges: list[tuple[int, int, bool]], general: set[int]) -> str:
+def _action_fires(by_id: dict[int, Table], child: int, action: str, seen: frozenset[int],
+                  fires_on_delete: Callable[[int, frozenset[int]], bool]) -> bool:
+    if action == "c":
+        return fires_on_delete(child, seen)
+    return action in "nd" and by_id[child].on_update
+
+
+def clear_function(tables: list[Table], edges: list[tuple[int, int, str]], general: set[int]) -> str:
     """``CREATE FUNCTION _pgtemplate.clear(dirty oid[]) RETURNS oid[]``: empty the tables a
     test wrote, and put the template's rows back, in static statements.
 
@@ -141,7 +170,8 @@ def clear_function(tables: list[Table], edges: list[tuple[int, int, bool]], gene
     """
     by_id = {t.relid: t for t in tables}
     parents = _parents(edges)
-    lines = ["DECLARE targets oid[] := dirty;", "BEGIN"]
+    # A user's column named like one of our variables must not clash with it.
+    lines = ["#variable_conflict use_column", "DECLARE targets oid[] := dirty;", "BEGIN"]
     parents_first = sorted(tables, key=lambda t: (t.level, t.relid))
     # Names and columns are quoted by the server (format %I, quote_ident); oids are ints.
     for table in parents_first:
@@ -168,7 +198,7 @@ def clear_function(tables: list[Table], edges: list[tuple[int, int, bool]], gene
             f"AS {tag}\n{body}\n{tag}")
 
 
-def _parents(edges: list[tuple[int, int, bool]]) -> dict[int, set[int]]:
+def _parents(edges: list[tuple[int, int, str]]) -> dict[int, set[int]]:
     """Each table's referenced tables (self-references aside)."""
     parents: dict[int, set[int]] = defaultdict(set)
     for child, parent, _ in edges:
