@@ -34,6 +34,7 @@ import asyncpg
 from . import errors
 from .db import CONNECTION_LOST
 from .errors import PgTemplateError
+from .naming import ident
 
 INSTALL_SQL = (files(__package__) / "sql" / "install.sql").read_text()
 # Event triggers (superuser only) note schema changes a test makes: a truncate reset
@@ -187,7 +188,7 @@ def clear_function(tables: list[Table], edges: list[tuple[int, int, str]], gener
     for table in parents_first:
         if table.snapshot is not None:
             insert = (f"INSERT INTO {table.name} ({table.cols}) OVERRIDING SYSTEM VALUE "  # noqa: S608
-                      f"SELECT {table.cols} FROM _pgtemplate.{_quote(table.snapshot)}")
+                      f"SELECT {table.cols} FROM _pgtemplate.{ident(table.snapshot)}")
             lines.append(f"    IF {table.relid}::oid = ANY (targets) THEN {insert}; END IF;")
     lines += ["    RETURN targets;", "END"]
     body = "\n".join(lines)
@@ -209,10 +210,6 @@ def _parents(edges: list[tuple[int, int, str]]) -> dict[int, set[int]]:
 
 def _oids(relids: set[int]) -> str:
     return "'{" + ",".join(str(r) for r in sorted(relids)) + "}'::oid[]"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _referenced(start: int, parents: dict[int, set[int]], onward: Callable[[int], bool]) -> set[int]:
