@@ -17,7 +17,7 @@ import pytest_asyncio
 from conftest import SERVER_URL
 from pytest_pgtemplate import fingerprint, naming, reset, settings
 from pytest_pgtemplate.admin import Admin, run_lock
-from pytest_pgtemplate.db import parse_url
+from pytest_pgtemplate.db import connect, parse_url
 from pytest_pgtemplate.errors import ConfigError, PgTemplateError
 
 SRC = Path(__file__).parent.parent / "src" / "pytest_pgtemplate"
@@ -370,6 +370,45 @@ async def test_sweep_spares_a_database_its_owner_kept_after_the_sweep_listed_it(
         await admin.close()
 
 
+@pytest.mark.asyncio
+async def test_a_spare_is_taken_once_and_not_while_anyone_is_connected_to_it() -> None:
+    from pytest_pgtemplate.sweep import sweep
+
+    prefix = "scratch_" + uuid.uuid4().hex[:6]
+    spare, taker, other = naming.spare_name(prefix, "f" * 12, "a" * 8), f"{prefix}_w_x", f"{prefix}_w_y"
+    run = uuid.uuid4().hex
+    admin = await Admin.open(parse_url(SERVER_URL, "test"))
+    owner = await Admin.open(parse_url(SERVER_URL, "test"))  # keeps other runs' sweeps away meanwhile
+    await owner.hold_shared(run_lock(run))
+    try:
+        await admin.create(spare, naming.Marker.new(naming.WORKER, "f" * 12, run, prefix))
+        await admin.mark(spare, naming.Marker.new(naming.SPARE, "f" * 12, run, prefix, source="t@1"))
+        worker = naming.Marker.new(naming.WORKER, "f" * 12, "run2", prefix)
+        assert await admin.take_spare("t@2", prefix, taker, worker) is None  # another build's
+        still_there = await connect(parse_url(SERVER_URL, "test"), spare)
+        try:
+            assert await admin.take_spare("t@1", prefix, taker, worker) is None  # in use: passed over
+        finally:
+            await still_there.close()
+        assert await admin.take_spare("t@1", prefix, taker, worker) == spare
+        assert await admin.info(spare) is None
+        info = await admin.info(taker)
+        assert info is not None
+        assert info.marker == worker
+        assert await admin.take_spare("t@1", prefix, other, worker) is None  # taken: nothing left
+        # A spare of a template build that is gone is swept (no template "t" exists here).
+        await admin.park(taker, spare, naming.Marker.new(naming.SPARE, "f" * 12, run, prefix, source="t@1"))
+        await owner.close()
+        assert spare in (await sweep(admin, prefix=prefix, keep_templates=2, include_kept=False)).dropped
+        assert await admin.info(spare) is None
+    finally:
+        for name in (spare, taker, other):
+            await admin.conn.execute(naming.sql("DROP DATABASE IF EXISTS {}", name))
+        await admin.close()
+        if not owner.conn.is_closed():
+            await owner.close()
+
+
 # -- code rules -------------------------------------------------------------
 
 
@@ -580,6 +619,11 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
         CREATE TRIGGER guarded_log AFTER DELETE ON guarded FOR EACH STATEMENT EXECUTE FUNCTION log_delete();
         CREATE TABLE cascaded (country text REFERENCES country ON DELETE CASCADE);
         CREATE TRIGGER cascaded_log AFTER DELETE ON cascaded FOR EACH STATEMENT EXECUTE FUNCTION log_delete();
+        CREATE TABLE region (code text PRIMARY KEY);
+        INSERT INTO region VALUES ('EU');
+        CREATE TABLE shop (region text REFERENCES region ON DELETE CASCADE,
+                           owner text REFERENCES region ON DELETE SET NULL);
+        CREATE TRIGGER shop_log AFTER DELETE OR UPDATE ON shop FOR EACH ROW EXECUTE FUNCTION log_delete();
         CREATE TABLE flags (id int PRIMARY KEY, dirty boolean, targets int);
         INSERT INTO flags VALUES (1, false, 0);
         CREATE TABLE hen (id int PRIMARY KEY, egg int);
@@ -611,6 +655,14 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
     assert resetter.stats.general == 3
     assert await conn.fetchval("SELECT count(*) FROM deleted_log") == 0
     assert await fk_state(conn) == before
+    # Row-level triggers on a table an FK action reaches do not fire (no row of it references
+    # the emptied table by then): region keeps the generated path, and deleted_log stays empty.
+    await conn.execute("UPDATE region SET code = 'EU'")
+    await resetter.reset()
+    assert resetter.stats.general == 3
+    assert await conn.fetchval("SELECT count(*) FROM deleted_log") == 0
+    assert await fk_state(conn) == before
+    assert await conn.fetchval("SELECT count(*) FROM region") == 1
     # Columns named like the generated function's variables do not clash with them.
     await conn.execute("UPDATE flags SET dirty = true, targets = 5")
     await resetter.reset()
@@ -618,8 +670,8 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
     assert tuple(await conn.fetchrow("SELECT dirty, targets FROM flags")) == (False, 0)
     assert resetter.general_tables == (
         "cascaded (a DELETE trigger or rule), country (its ON DELETE action on public.cascaded fires the "
-        "user's triggers), egg (a cycle of foreign keys), guarded (a DELETE trigger or rule), "
-        "hen (a cycle of foreign keys)"
+        "user's statement triggers or rules), egg (a cycle of foreign keys), "
+        "guarded (a DELETE trigger or rule), hen (a cycle of foreign keys), shop (a DELETE trigger or rule)"
     )
 
 

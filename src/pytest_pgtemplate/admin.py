@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 from . import errors
 from .db import connect, where
 from .errors import PgTemplateError
-from .naming import Marker, sql
+from .naming import FORMAT_VERSION, SPARE, Marker, sql
 
 MIN_SERVER_MAJOR = 13
 CLONE_RETRY_SECONDS = 15.0
@@ -38,6 +38,7 @@ class DatabaseRow:
     marker: Marker | None
     is_template: bool
     size: int | None
+    oid: int = 0
 
 
 def run_lock(run_id: str) -> str:
@@ -179,6 +180,46 @@ class Admin:
         await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", building, final))
         await self.mark(final, marker)
 
+    async def source(self, template: str, *, throwaway: bool) -> str | None:
+        """What a spare must hold to stand in for a clone of ``template`` made now: that very
+        build of it (a rebuilt template, same name, has another oid) with the same durability
+        setting.  None if the template is gone."""
+        oid = await self.conn.fetchval("SELECT oid FROM pg_database WHERE datname = $1", template)
+        return None if oid is None else f"{template}@{oid}" + ("" if throwaway else "/durable")
+
+    async def park(self, name: str, spare: str, marker: Marker) -> None:
+        """Rename worker database ``name`` to ``spare`` and mark it a spare, in one transaction
+        (a rename needs every other session gone: the ones left on it are closed first)."""
+        await self.terminate(name)
+        async with self.conn.transaction():
+            await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", name, spare))
+            await self.mark(spare, marker)
+
+    async def take_spare(self, source: str, prefix: str, name: str, marker: Marker) -> str | None:
+        """Rename a spare holding ``source`` to ``name`` and mark it with ``marker``; returns
+        the spare's name, or None when there is none to take.  A rename is atomic and fails
+        while anyone is connected: of processes racing for one spare, one gets it, and a
+        spare whose last run has not quite exited is passed over."""
+        rows = await self.conn.fetch(
+            "SELECT datname, shobj_description(oid, 'pg_database') AS comment FROM pg_database "
+            "WHERE starts_with(datname, $1) AND NOT datistemplate ORDER BY datname", f"{prefix}_s_",
+        )
+        for row in rows:
+            spare = Marker.parse(row["comment"])
+            if spare is None or (spare.kind, spare.prefix, spare.source, spare.format) != (
+                    SPARE, prefix, source, FORMAT_VERSION):
+                continue
+            try:
+                async with self.conn.transaction():
+                    await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", row["datname"], name))
+                    await self.mark(name, marker)
+            except asyncpg.PostgresError as exc:
+                if errors.sqlstate(exc) in (errors.OBJECT_IN_USE, errors.INVALID_CATALOG_NAME):
+                    continue  # in use still, or taken / swept by another process meanwhile
+                raise
+            return str(row["datname"])
+        return None
+
     async def drop_ours(self, name: str, *, seen: Marker | None = None) -> bool:
         """Drop ``name`` if it exists and carries our marker; never touch anything else.
         With ``seen``, only if the marker is still that one: a decision taken on an earlier
@@ -257,12 +298,13 @@ class Admin:
     async def databases(self) -> list[DatabaseRow]:
         """Every database on the server with its marker (None: not ours) and size."""
         rows = await self.conn.fetch(
-            "SELECT datname, datistemplate, shobj_description(oid, 'pg_database') AS comment, "
+            "SELECT oid, datname, datistemplate, shobj_description(oid, 'pg_database') AS comment, "
             "CASE WHEN has_database_privilege(oid, 'CONNECT') OR datistemplate "
             "THEN pg_database_size(oid) END AS size FROM pg_database ORDER BY datname"
         )
         return [
-            DatabaseRow(r["datname"], Marker.parse(r["comment"]), bool(r["datistemplate"]), r["size"])
+            DatabaseRow(r["datname"], Marker.parse(r["comment"]), bool(r["datistemplate"]), r["size"],
+                        int(r["oid"]))
             for r in rows
         ]
 

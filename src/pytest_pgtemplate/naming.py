@@ -18,13 +18,14 @@ from .errors import ConfigError
 
 MAX_IDENT_BYTES = 63
 MARKER_TAG = "pytest-pgtemplate"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 TEMPLATE = "template"
 BUILDING = "building"
 WORKER = "worker"
 CLONE = "clone"  # a per-test clone (reset="clone")
 KEPT = "kept"  # a worker database kept by --pgt-keep: the automatic sweep spares it
+SPARE = "spare"  # a worker database reset at the end of its run, for the next run to take
 
 
 def ident(name: str) -> str:
@@ -60,6 +61,10 @@ def worker_name(prefix: str, run_id: str, worker: str, database: str = "") -> st
     return _checked(f"{prefix}_w_{_owner(run_id, worker, database)}")
 
 
+def spare_name(prefix: str, fingerprint: str, nonce: str) -> str:
+    return _checked(f"{prefix}_s_{fingerprint[:12]}_{nonce[:8]}")
+
+
 def clone_name(prefix: str, run_id: str, worker: str, n: int, database: str = "") -> str:
     owner = _owner(run_id, worker, database)
     name = f"{prefix}_c_{owner}_{n}"
@@ -93,12 +98,13 @@ class Marker:
     prefix: str = ""
     database: str = ""  # of a template: which of the project's databases it serves
     project: str = ""  # of a template: the project (its rootdir's name) that built it
+    source: str = ""  # of a spare: the template it holds the state of (see ``Admin.source``)
 
     @classmethod
     def new(cls, kind: str, fingerprint: str, run: str, prefix: str, database: str = "",
-            project: str = "") -> Marker:
+            project: str = "", source: str = "") -> Marker:
         return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time(),
-                   prefix=prefix, database=database, project=project)
+                   prefix=prefix, database=database, project=project, source=source)
 
     def text(self) -> str:
         return f"{MARKER_TAG} {json.dumps(asdict(self), sort_keys=True)}"

@@ -15,9 +15,11 @@ class Summary:
 
     templates: list[dict[str, Any]] = field(default_factory=list)
     clone_seconds: list[float] = field(default_factory=list)
+    spare_seconds: list[float] = field(default_factory=list)  # spares of earlier runs taken instead
     reset_seconds: dict[str, list[float]] = field(default_factory=dict)
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    spared: list[str] = field(default_factory=list)  # worker databases left for the next run
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # databases tests reached, none of ours used
@@ -27,7 +29,8 @@ class Summary:
     profile: dict[str, Any] = field(default_factory=dict)  # --pgt-profile: see profile.py
 
     def merge(self, other: dict[str, Any]) -> None:
-        for key in ("templates", "clone_seconds", "databases", "kept", "swept", "pruned", "foreign"):
+        for key in ("templates", "clone_seconds", "spare_seconds", "databases", "kept", "spared", "swept",
+                    "pruned", "foreign"):
             getattr(self, key).extend(other.get(key, []))
         self.processes += int(other.get("processes", 0))
         self.general_resets += int(other.get("general_resets", 0))
@@ -51,6 +54,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
             "database": runtime.settings.database,
         }],
         "clone_seconds": list(runtime.timings.clone_seconds),
+        "spare_seconds": list(runtime.timings.spare_seconds),
         "reset_seconds": {k: list(v) for k, v in runtime.reset_seconds.items()},
         "databases": [] if runtime.current_name is None else [runtime.current_name],
         "swept": list(runtime.timings.swept),
@@ -71,7 +75,7 @@ def overhead(summary: Summary, wall: float) -> str | None:
     if not summary.processes or wall <= 0:
         return None
     template = sum(t["seconds"] for t in summary.templates)
-    clones = sum(summary.clone_seconds)
+    clones = sum(summary.clone_seconds) + sum(summary.spare_seconds)
     resets = sum(sum(v) for v in summary.reset_seconds.values())
     total = template + clones + resets
     share = total / (wall * summary.processes) * 100
@@ -92,11 +96,11 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
                          f"(by {built[0]['worker']})")
         else:
             lines.append(f"template{label} {name}: reused")
-    if summary.clone_seconds:
-        lines.append(
-            f"worker databases: {len(summary.clone_seconds)} cloned, "
-            f"{sum(summary.clone_seconds) / len(summary.clone_seconds) * 1000:.0f} ms each on average"
-        )
+    made = [f"{len(seconds)} {how}, {sum(seconds) / len(seconds) * 1000:.0f} ms each on average"
+            for seconds, how in ((summary.spare_seconds, "spare(s) of an earlier run taken"),
+                                 (summary.clone_seconds, "cloned")) if seconds]
+    if made:
+        lines.append("worker databases: " + "; ".join(made))
     for strategy, r in sorted(summary.reset_seconds.items()):
         what = "clone waits" if strategy == "clone" else f"resets ({strategy})"
         lines.append(
@@ -116,6 +120,9 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
     if summary.pruned:
         lines.append(f"pruned {len(summary.pruned)} unused template(s) of this project beyond the newest "
                      f"{keep_templates} (--pgt-keep-templates): " + ", ".join(sorted(summary.pruned)))
+    if summary.spared:
+        lines.append(f"left {len(summary.spared)} spare worker database(s), reset, for the next run to take "
+                     "(--pgt-no-spares drops them instead; --pgt-gc drops what is left)")
     for url in summary.kept:
         lines.append(f"kept worker database: {url}")
     return lines

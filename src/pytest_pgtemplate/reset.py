@@ -71,8 +71,11 @@ class Table:
     snapshot: str | None  # the table holding its template rows, if it has any
     cols: str | None
     why: str | None = None  # why it needs the general path (the user's triggers, rules, ...)
-    on_delete: bool = False  # the user's DELETE / UPDATE triggers or rules: an FK action
-    on_update: bool = False  # reaching this table from a table the reset empties fires them
+    # The user's statement-level DELETE / UPDATE triggers, or rules: an FK action reaching
+    # this table from a table the reset empties fires them.  (Row-level ones do not fire: by
+    # then no row of this table references the emptied one; see ``general_tables``.)
+    on_delete: bool = False
+    on_update: bool = False
 
 
 async def _tables(conn: asyncpg.Connection) -> list[Table]:
@@ -86,13 +89,13 @@ _TABLES_SQL = """
 WITH trig AS (
     SELECT coalesce(pg_partition_root(tgrelid)::oid, tgrelid) AS relid,
            bool_or(tgtype & 8 <> 0) AS on_delete, bool_or(tgtype & 4 <> 0) AS on_insert,
-           bool_or(tgtype & 16 <> 0) AS on_update
+           bool_or(tgtype & 9 = 8) AS stmt_delete, bool_or(tgtype & 17 = 16) AS stmt_update
     FROM pg_trigger
     WHERE NOT tgisinternal AND tgenabled IN ('O', 'A') AND tgname <> '_pgtemplate_dirty'
     GROUP BY 1
     UNION ALL
     SELECT coalesce(pg_partition_root(ev_class)::oid, ev_class),
-           bool_or(ev_type = '4'), bool_or(ev_type = '3'), bool_or(ev_type = '2')
+           bool_or(ev_type = '4'), bool_or(ev_type = '3'), bool_or(ev_type = '4'), bool_or(ev_type = '2')
     FROM pg_rewrite WHERE rulename <> '_RETURN' GROUP BY 1
 )
 SELECT t.relid, t.relkind = 'p' AS partitioned, t.level, t.snapshot, t.cols,
@@ -101,8 +104,8 @@ SELECT t.relid, t.relkind = 'p' AS partitioned, t.level, t.snapshot, t.cols,
             WHEN t.snapshot IS NOT NULL AND bool_or(trig.on_insert)
                 THEN 'an INSERT trigger or rule, and rows in the template'
             WHEN c.relrowsecurity THEN 'row-level security' END AS why,
-       coalesce(bool_or(trig.on_delete), false) AS on_delete,
-       coalesce(bool_or(trig.on_update), false) AS on_update
+       coalesce(bool_or(trig.stmt_delete), false) AS on_delete,
+       coalesce(bool_or(trig.stmt_update), false) AS on_update
 FROM _pgtemplate.tracked t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN trig ON trig.relid = t.relid
 GROUP BY t.relid, t.relkind, t.level, t.snapshot, t.cols, n.nspname, c.relname, c.relrowsecurity
@@ -127,37 +130,25 @@ def general_tables(tables: list[Table], edges: list[tuple[int, int, str]]) -> di
     self-references ON DELETE RESTRICT (checked row by row, so one DELETE of all rows can
     fail), and tables whose rows' deletion fires the user's triggers elsewhere: an ON DELETE
     CASCADE / SET NULL / SET DEFAULT runs a DELETE or UPDATE on the referencing table, and
-    its statement triggers fire even when no row matches."""
-    by_id = {t.relid: t for t in tables}
+    its statement triggers (and rules) act even when no row matches.
+
+    No row matches, ever: a referencing table is deleted from first when it is a target,
+    and otherwise holds no rows that reference a target (it is unwritten, so empty or as in
+    the template, and then a target itself if its template rows reference one).  So its
+    row-level triggers do not fire, and the action goes no further down."""
     general = {t.relid: t.why for t in tables if t.why}
     parents = _parents(edges)
     for rel in _in_cycles(parents):
         general.setdefault(rel, "a cycle of foreign keys")
+    by_id = {t.relid: t for t in tables}
     for child, parent, action in edges:
         if child == parent and action == "r":
             general.setdefault(child, "a self-reference ON DELETE RESTRICT")
-    fires: dict[int, bool] = {}
-
-    def fires_on_delete(rel: int, seen: frozenset[int]) -> bool:
-        """Deleting rows of ``rel`` fires the user's triggers (its own, or through FK actions)."""
-        if rel not in fires:
-            fires[rel] = by_id[rel].on_delete or any(
-                _action_fires(by_id, child, action, seen | {rel}, fires_on_delete)
-                for child, parent, action in edges if parent == rel and child not in seen | {rel})
-        return fires[rel]
-
-    for child, parent, action in edges:
-        if _action_fires(by_id, child, action, frozenset({parent}), fires_on_delete):
-            why = f"its ON DELETE action on {by_id[child].name} fires the user's triggers"
+        elif child != parent and ((action == "c" and by_id[child].on_delete)
+                                  or (action in "nd" and by_id[child].on_update)):
+            why = f"its ON DELETE action on {by_id[child].name} fires the user's statement triggers or rules"
             general.setdefault(parent, why)
     return general
-
-
-def _action_fires(by_id: dict[int, Table], child: int, action: str, seen: frozenset[int],
-                  fires_on_delete: Callable[[int, frozenset[int]], bool]) -> bool:
-    if action == "c":
-        return fires_on_delete(child, seen)
-    return action in "nd" and by_id[child].on_update
 
 
 def clear_function(tables: list[Table], edges: list[tuple[int, int, str]], general: set[int]) -> str:

@@ -24,7 +24,7 @@ from .db import CONNECTION_LOST, LoopThread, connect, lost, where, with_driver
 from .errors import PgTemplateError, PgTemplateWarning
 from .migrate import Migrator
 from .migrators import make_migrator
-from .naming import KEPT, WORKER, Marker, worker_name
+from .naming import KEPT, SPARE, WORKER, Marker, spare_name, worker_name
 from .reset import TruncateReset
 from .settings import DEFAULT_DATABASE, Settings
 from .sweep import sweep
@@ -42,6 +42,7 @@ class WorkerDatabase:
 class Timings:
     template: Template | None = None
     clone_seconds: list[float] = field(default_factory=list)
+    spare_seconds: list[float] = field(default_factory=list)  # spares of earlier runs taken
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
 
@@ -75,6 +76,8 @@ class Runtime:
         self.terminated = ""  # sessions the last reset ended (left inside a transaction)
         self.general_resets = 0  # truncate resets that took the general path (see reset.py)
         self.general_tables = ""  # the tables that send a reset there, and why
+        self.spared: str | None = None  # the spare this process left for the next run
+        self._source: str | None = None  # what a spare for this process must hold (Admin.source)
 
     @property
     def loop(self) -> LoopThread:
@@ -147,12 +150,41 @@ class Runtime:
         # A restarted xdist worker reuses its id within the run: replace its database.
         self.loop.run(self._admin.drop_ours(name))
         marker = Marker.new(WORKER, template.fingerprint, self.run_id, self.settings.prefix)
+        if self.generation == 0 and self._take_spare(template, name, marker):
+            self.timings.spare_seconds.append(time.perf_counter() - start)
+            return self._named(name)
         self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy,
                                          throwaway=not self.settings.durable))
         self.timings.clone_seconds.append(time.perf_counter() - start)
         conn = self.loop.run(connect(self.server_url, name))
         self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
         return self._named(name)
+
+    def _take_spare(self, template: Template, name: str, marker: Marker) -> bool:
+        """Take a spare an earlier run left (see ``close``) as worker database ``name``.  Its
+        reset is run once more first (it catches writes after that run's last reset); one
+        that reports schema changes or fails is dropped, and the caller clones."""
+        assert self._admin is not None
+        if self.settings.no_spares:
+            return False
+        admin = self._admin
+        self._source = self.loop.run(admin.source(template.name, throwaway=not self.settings.durable))
+        if self._source is None or self.loop.run(
+                admin.take_spare(self._source, self.settings.prefix, name, marker)) is None:
+            return False
+        resetter: TruncateReset | None = None
+        try:
+            resetter = TruncateReset(self.loop.run(connect(self.server_url, name)), name,
+                                     self.settings.reset_timeout)
+            if self.loop.run(resetter.reset()) is None:
+                self._resetter = resetter
+                return True
+        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
+            pass
+        if resetter is not None:
+            self.loop.run(resetter.conn.close(timeout=5))
+        self.loop.run(admin.drop_ours(name))
+        return False
 
     def _named(self, name: str) -> WorkerDatabase:
         return WorkerDatabase(
@@ -294,20 +326,54 @@ class Runtime:
 
         if self._pool is not None:
             attempt(self._pool.close)
+        db = self._db
+        spare = (db is not None and not self.settings.keep and self._failure is None
+                 and self._resetter is not None and self._admin is not None and self._source is not None
+                 and not self.settings.no_spares)
+        if spare:
+            attempt(lambda: self._check_spare())
         if self._resetter is not None:
             resetter = self._resetter
             attempt(lambda: self.loop.run(resetter.conn.close(timeout=5)))
         if self._admin is not None:
-            admin, db = self._admin, self._db
+            admin = self._admin
             if db is not None and self.settings.keep:
                 kept = db
                 attempt(lambda: self.loop.run(admin.mark(db.name, self._kept_marker())))
-            elif db is not None:
+            elif db is not None and self.spared is not None:
+                attempt(lambda: self._park(admin, db.name))
+            if db is not None and not self.settings.keep and self.spared is None:
                 attempt(lambda: self.loop.run(admin.drop_ours(db.name)))
             attempt(lambda: self.loop.run(admin.conn.close(timeout=5)))
         if self._loop is not None:
             self._loop.close()
         return kept, problems
+
+    def _check_spare(self) -> None:
+        """Whether the worker database can be left as a spare: reset once more (the app's own
+        session-scoped teardown may have written since the last test's reset), no schema change
+        seen, and schema changes are seen at all (the event triggers, a superuser's)."""
+        assert self._resetter is not None
+        assert self.timings.template is not None
+        conn = self._resetter.conn
+        if self.loop.run(self._resetter.reset()) is not None or not self.loop.run(conn.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = '_pgtemplate_ddl' "
+                "AND evtenabled <> 'D')")):
+            return
+        self.spared = spare_name(self.settings.prefix, self.timings.template.fingerprint,
+                                 os.urandom(4).hex())
+
+    def _park(self, admin: Admin, name: str) -> None:
+        assert self.spared is not None
+        assert self.timings.template is not None
+        assert self._source is not None
+        marker = Marker.new(SPARE, self.timings.template.fingerprint, self.run_id, self.settings.prefix,
+                            source=self._source)
+        try:
+            self.loop.run(admin.park(name, self.spared, marker))
+        except BaseException:
+            self.spared = None  # dropped under its own name instead
+            raise
 
     def _kept_marker(self) -> Marker:
         assert self.timings.template is not None

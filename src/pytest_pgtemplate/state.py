@@ -206,6 +206,8 @@ class PluginState:
         for runtime in self._runtimes.values():
             self.summary.merge(worker_payload(runtime))
             kept, problems = runtime.close()
+            if runtime.spared is not None:
+                self.summary.spared.append(runtime.spared)
             for problem in problems:
                 notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "
                                 f"{problem} (the next run's sweep drops what is left)")

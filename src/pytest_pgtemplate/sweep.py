@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from .admin import Admin, DatabaseRow, run_lock, use_lock
-from .naming import BUILDING, CLONE, KEPT, TEMPLATE, WORKER
+from .naming import BUILDING, CLONE, KEPT, SPARE, TEMPLATE, WORKER
 
 SWEEP_LOCK = "sweep"
 
@@ -32,10 +32,11 @@ class SweepResult:
 async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept: bool,
                 wait: float | None = None, project: str | None = None) -> SweepResult:
     """Drop worker and half-built databases of dead runs, whatever their prefix (nobody can
-    use them), and, of ``prefix`` only, kept ones if asked and all but the newest
+    use them), and, of ``prefix`` only, kept ones and spares if asked and all but the newest
     ``keep_templates`` templates per project and database that nobody uses (another
-    prefix's are another project's choice).  With ``project``, only that project's
-    templates are pruned: a run leaves other projects sharing the prefix alone.
+    prefix's are another project's choice); then spares of template builds that are gone.
+    With ``project``, only that project's templates are pruned: a run leaves other projects
+    sharing the prefix alone.
 
     Only one process sweeps at a time: a sweeper that finds another at work skips, or
     with ``wait`` (``--pgt-gc``), waits for it at most that many seconds.
@@ -47,7 +48,11 @@ async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept:
         result.skipped = True
         return result
     try:
-        marked = [(r, r.marker) for r in await admin.databases() if r.marker is not None]
+        rows = await admin.databases()
+        marked = [(r, r.marker) for r in rows if r.marker is not None]
+        # A spare stands in for a clone of one build of a template: once that is gone, so is
+        # the spare's use.
+        builds = {f"{r.name}@{r.oid}" for r, m in marked if m.kind == TEMPLATE}
         for row, marker in marked:
             kept_too = include_kept and marker.prefix == prefix
             if _is_leftover(row, kept_too) and await _drop_if_unused(admin, row, run_lock(marker.run)):
@@ -57,6 +62,12 @@ async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept:
         for row in _surplus_templates(ours, keep_templates):
             if await _drop_if_unused(admin, row, use_lock(row.name)):
                 result.pruned.append(row.name)
+                builds.discard(f"{row.name}@{row.oid}")
+        for row, marker in marked:
+            if (marker.kind == SPARE and row.name not in result.dropped
+                    and marker.source.split("/")[0] not in builds
+                    and await _drop_if_unused(admin, row, run_lock(marker.run))):
+                result.dropped.append(row.name)
     finally:
         await admin.unlock(SWEEP_LOCK)
     return result
@@ -64,7 +75,7 @@ async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept:
 
 def _is_leftover(row: DatabaseRow, include_kept: bool) -> bool:
     assert row.marker is not None
-    kinds = {WORKER, BUILDING, CLONE, KEPT} if include_kept else {WORKER, BUILDING, CLONE}
+    kinds = {WORKER, BUILDING, CLONE, KEPT, SPARE} if include_kept else {WORKER, BUILDING, CLONE}
     return row.marker.kind in kinds
 
 
@@ -105,6 +116,8 @@ async def describe(admin: Admin) -> list[str]:
         is_template = marker.kind == TEMPLATE
         used = await admin.held_shared(use_lock(row.name) if is_template else run_lock(marker.run))
         state = ("in use" if used else "unused") if is_template else ("alive" if used else "dead")
+        if marker.kind == SPARE:
+            state = f"ended; a spare for the next run from {marker.source.split('@')[0]}"
         size = "?" if row.size is None else f"{row.size / 1e6:.1f} MB"
         lines.append(
             f"{row.name}  {marker.kind}  fingerprint {marker.fingerprint[:12]}  "
