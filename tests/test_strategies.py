@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from conftest import Project
+from conftest import Project, scratch_role
 
 SUITE = '''
 import pytest
@@ -85,7 +87,36 @@ def test_every_strategy_isolates_tests(project: Project, strategy: str, xdist: l
         result.stdout.no_fnmatch_line(ddl_warning)
     label = "clone waits" if strategy == "clone" else f"resets ({strategy})"
     result.stdout.fnmatch_lines([f"{label}: *, p50 * ms, p95 * ms, max * ms"])
+    if strategy == "clone":
+        result.stdout.fnmatch_lines(["clones: * created, * used ones brought back by a reset *"])
     assert [db for db in project.databases() if "_c_" in db or "_w_" in db] == []
+
+
+def clone_counts(result: pytest.RunResult) -> tuple[int, int]:
+    """From the summary: clones created, and used ones brought back by a reset."""
+    [line] = [line for line in result.stdout.lines if line.startswith("clones: ")]
+    match = re.fullmatch(r"clones: (\d+) created, (\d+) used ones brought back by a reset "
+                         r"\(no schema change seen\)", line)
+    assert match is not None, line
+    return int(match[1]), int(match[2])
+
+
+def test_used_clones_are_brought_back_by_a_reset_unless_a_change_could_go_unseen(project: Project) -> None:
+    """A reset, a millisecond or two, stands in for a CREATE DATABASE, hundreds on a durable
+    server: except after a schema change (both DDL tests' clones are replaced), and never
+    for a role whose resets cannot see schema changes (no event triggers)."""
+    project.pytester.makepyfile(test_inner=SUITE)
+    result = project.run("-p", "no:xdist", "--pgt-reset", "clone")
+    result.assert_outcomes(passed=12)
+    created, recycled = clone_counts(result)
+    assert recycled >= 8  # 12 tests: all but the 2 DDL tests' clones (and the last one's, maybe)
+    assert created <= 5  # 2 ahead, 2 for the DDL tests' (1 spare made in a race, at most)
+    with scratch_role(project, "LOGIN CREATEDB") as url:
+        project.pytester._monkeypatch.setenv("PGTEMPLATE_URL", url)
+        result = project.run("-p", "no:xdist", "--pgt-reset", "clone")
+        result.assert_outcomes(passed=12)
+        created, recycled = clone_counts(result)
+        assert (created >= 12, recycled) == (True, 0)
 
 
 def test_the_summary_names_tables_whose_triggers_slow_the_reset(project: Project) -> None:

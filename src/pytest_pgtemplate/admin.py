@@ -16,7 +16,7 @@ import asyncpg
 from sqlalchemy.engine import URL
 
 from . import errors
-from .db import connect, where
+from .db import connect, database_settings, where
 from .errors import PgTemplateError
 from .naming import FORMAT_VERSION, SPARE, Marker, sql
 
@@ -186,6 +186,9 @@ class Admin:
         setting.  None if the template is gone."""
         oid = await self.conn.fetchval("SELECT oid FROM pg_database WHERE datname = $1", template)
         return None if oid is None else f"{template}@{oid}" + ("" if throwaway else "/durable")
+
+    async def settings(self, name: str) -> str:
+        return await database_settings(self.conn, name)
 
     async def park(self, name: str, spare: str, marker: Marker) -> None:
         """Rename worker database ``name`` to ``spare`` and mark it a spare, in one transaction

@@ -131,6 +131,15 @@ async def connect(url: URL, database: str | None = None) -> asyncpg.Connection:
         raise _connect_error(target, exc) from exc
 
 
+async def database_settings(conn: asyncpg.Connection, name: str) -> str:
+    """The settings ``ALTER DATABASE name SET`` (and ``ALTER ROLE ... IN DATABASE``) gave it:
+    no event trigger sees those, so a database meant to be as fresh compares them."""
+    return str(await conn.fetchval(
+        "SELECT coalesce(string_agg(s.setrole::text || '=' || array_to_string(s.setconfig, ','), ';' "
+        "ORDER BY s.setrole), '') FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE d.datname = $1", name))
+
+
 def _connect_error(target: URL, exc: asyncpg.PostgresError) -> PgTemplateError:
     code = errors.sqlstate(exc)
     if code == errors.TOO_MANY_CONNECTIONS:  # with no connection to read the counts from

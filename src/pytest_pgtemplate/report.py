@@ -23,6 +23,8 @@ class Summary:
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # databases tests reached, none of ours used
+    clones_created: int = 0  # reset="clone": clones made by CREATE DATABASE
+    clones_recycled: int = 0  # ... and used ones brought back by a reset instead
     general_resets: int = 0  # truncate resets that took the general (slower) path
     general_tables: str = ""  # which tables send resets there, and why
     processes: int = 0
@@ -34,6 +36,8 @@ class Summary:
             getattr(self, key).extend(other.get(key, []))
         self.processes += int(other.get("processes", 0))
         self.general_resets += int(other.get("general_resets", 0))
+        self.clones_created += int(other.get("clones_created", 0))
+        self.clones_recycled += int(other.get("clones_recycled", 0))
         self.general_tables = self.general_tables or str(other.get("general_tables", ""))
         merge_profile(self.profile, other.get("profile", {}))
         for strategy, seconds in other.get("reset_seconds", {}).items():
@@ -60,6 +64,8 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
         "swept": list(runtime.timings.swept),
         "pruned": list(runtime.timings.pruned),
         "general_resets": runtime.general_resets,
+        "clones_created": runtime.clone_counts[0],
+        "clones_recycled": runtime.clone_counts[1],
         "general_tables": runtime.general_tables,
     }
 
@@ -107,6 +113,9 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
             f"{what}: {len(r)}, p50 {percentile(r, 0.5) * 1000:.1f} ms, "
             f"p95 {percentile(r, 0.95) * 1000:.1f} ms, max {max(r) * 1000:.1f} ms"
         )
+    if summary.clones_created or summary.clones_recycled:
+        lines.append(f"clones: {summary.clones_created} created, {summary.clones_recycled} used ones brought "
+                     "back by a reset (no schema change seen)")
     if summary.general_resets:
         lines.append(
             f"{summary.general_resets} of the truncate resets took the slower general path, for tables "

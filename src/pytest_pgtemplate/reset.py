@@ -32,7 +32,7 @@ from importlib.resources import files
 import asyncpg
 
 from . import errors
-from .db import CONNECTION_LOST
+from .db import CONNECTION_LOST, database_settings
 from .errors import PgTemplateError
 from .naming import ident
 
@@ -325,6 +325,21 @@ class TruncateReset:
             )
             return str(changes)
         return None
+
+    async def reusable(self, settings: str) -> bool:
+        """After a reset that saw no schema change: whether the database is now as a fresh
+        clone of its template would be, so it may serve again (a later test, a later run).
+        That needs schema changes to be seen at all (the event triggers, a superuser's), no
+        large object (no reset covers them) and the database's settings as created."""
+        return (await self.sees_schema_changes()
+                and not await self.conn.fetchval("SELECT EXISTS (SELECT FROM pg_largeobject_metadata)")
+                and await database_settings(self.conn, self.database) == settings)
+
+    async def sees_schema_changes(self) -> bool:
+        """Whether the event triggers that note a test's DDL are there (a superuser's)."""
+        return bool(await self.conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = '_pgtemplate_ddl' "
+            "AND evtenabled <> 'D')"))
 
     async def _failure(self, exc: asyncpg.PostgresError) -> PgTemplateError:
         if errors.sqlstate(exc) == errors.LOCK_NOT_AVAILABLE:

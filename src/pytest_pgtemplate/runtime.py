@@ -78,6 +78,7 @@ class Runtime:
         self.general_tables = ""  # the tables that send a reset there, and why
         self.spared: str | None = None  # the spare this process left for the next run
         self._source: str | None = None  # what a spare for this process must hold (Admin.source)
+        self._settings = ""  # the worker database's settings as created (see reset.reusable)
 
     @property
     def loop(self) -> LoopThread:
@@ -152,12 +153,13 @@ class Runtime:
         marker = Marker.new(WORKER, template.fingerprint, self.run_id, self.settings.prefix)
         if self.generation == 0 and self._take_spare(template, name, marker):
             self.timings.spare_seconds.append(time.perf_counter() - start)
-            return self._named(name)
-        self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy,
-                                         throwaway=not self.settings.durable))
-        self.timings.clone_seconds.append(time.perf_counter() - start)
-        conn = self.loop.run(connect(self.server_url, name))
-        self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
+        else:
+            self.loop.run(self._admin.create(name, marker, template.name, self.clone_strategy,
+                                             throwaway=not self.settings.durable))
+            self.timings.clone_seconds.append(time.perf_counter() - start)
+            conn = self.loop.run(connect(self.server_url, name))
+            self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
+        self._settings = self.loop.run(self._admin.settings(name))
         return self._named(name)
 
     def _take_spare(self, template: Template, name: str, marker: Marker) -> bool:
@@ -205,6 +207,7 @@ class Runtime:
                 self.loop, self.server_url, template=template.name, fingerprint=template.fingerprint,
                 prefix=self.settings.prefix, run_id=self.run_id, worker=self.worker,
                 strategy=self.clone_strategy, database=self._suffix, throwaway=not self.settings.durable,
+                reset_timeout=self.settings.reset_timeout,
             )
         start = time.perf_counter()
         name = self._pool.take()
@@ -263,6 +266,11 @@ class Runtime:
     def _suffix(self) -> str:
         """In database names: nothing for the default database, else its name."""
         return "" if self.settings.database == DEFAULT_DATABASE else self.settings.database
+
+    @property
+    def clone_counts(self) -> tuple[int, int]:
+        """reset="clone": clones created, and used ones brought back by a reset."""
+        return (0, 0) if self._pool is None else (self._pool.created, self._pool.recycled)
 
     @property
     def failed(self) -> bool:
@@ -351,14 +359,13 @@ class Runtime:
 
     def _check_spare(self) -> None:
         """Whether the worker database can be left as a spare: reset once more (the app's own
-        session-scoped teardown may have written since the last test's reset), no schema change
-        seen, and schema changes are seen at all (the event triggers, a superuser's)."""
+        session-scoped teardown may have written since the last test's reset), and then as a
+        fresh clone would be (``TruncateReset.reusable``)."""
         assert self._resetter is not None
         assert self.timings.template is not None
-        conn = self._resetter.conn
-        if self.loop.run(self._resetter.reset()) is not None or not self.loop.run(conn.fetchval(
-                "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = '_pgtemplate_ddl' "
-                "AND evtenabled <> 'D')")):
+        resetter = self._resetter
+        if (self.loop.run(resetter.reset()) is not None
+                or not self.loop.run(resetter.reusable(self._settings))):
             return
         self.spared = spare_name(self.settings.prefix, self.timings.template.fingerprint,
                                  os.urandom(4).hex())
