@@ -390,7 +390,9 @@ async def test_a_spare_is_taken_once_and_not_while_anyone_is_connected_to_it() -
             assert await admin.take_spare("t@1", prefix, taker, worker) is None  # in use: passed over
         finally:
             await still_there.close()
-        assert await admin.take_spare("t@1", prefix, taker, worker) == spare
+        taken = await admin.take_spare("t@1", prefix, taker, worker)
+        assert taken is not None
+        assert (taken.kind, taken.source) == (naming.SPARE, "t@1")
         assert await admin.info(spare) is None
         info = await admin.info(taker)
         assert info is not None
@@ -624,6 +626,8 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
         CREATE TABLE shop (region text REFERENCES region ON DELETE CASCADE,
                            owner text REFERENCES region ON DELETE SET NULL);
         CREATE TRIGGER shop_log AFTER DELETE OR UPDATE ON shop FOR EACH ROW EXECUTE FUNCTION log_delete();
+        CREATE TABLE tree (id int PRIMARY KEY, up int REFERENCES tree ON DELETE SET NULL);
+        CREATE TRIGGER tree_log AFTER UPDATE ON tree FOR EACH STATEMENT EXECUTE FUNCTION log_delete();
         CREATE TABLE flags (id int PRIMARY KEY, dirty boolean, targets int);
         INSERT INTO flags VALUES (1, false, 0);
         CREATE TABLE hen (id int PRIMARY KEY, egg int);
@@ -663,15 +667,23 @@ async def test_tables_the_generated_reset_cannot_handle_take_the_general_path_an
     assert await conn.fetchval("SELECT count(*) FROM deleted_log") == 0
     assert await fk_state(conn) == before
     assert await conn.fetchval("SELECT count(*) FROM region") == 1
+    # A self-reference ON DELETE SET NULL runs an UPDATE on the table itself: its statement
+    # trigger would fire.
+    await conn.execute("INSERT INTO tree VALUES (1, NULL)")
+    await resetter.reset()
+    assert resetter.stats.general == 4
+    assert await conn.fetchval("SELECT count(*) FROM deleted_log") == 0
+    assert await conn.fetchval("SELECT count(*) FROM tree") == 0
     # Columns named like the generated function's variables do not clash with them.
     await conn.execute("UPDATE flags SET dirty = true, targets = 5")
     await resetter.reset()
-    assert resetter.stats.general == 3
+    assert resetter.stats.general == 4
     assert tuple(await conn.fetchrow("SELECT dirty, targets FROM flags")) == (False, 0)
     assert resetter.general_tables == (
         "cascaded (a DELETE trigger or rule), country (its ON DELETE action on public.cascaded fires the "
         "user's statement triggers or rules), egg (a cycle of foreign keys), "
-        "guarded (a DELETE trigger or rule), hen (a cycle of foreign keys), shop (a DELETE trigger or rule)"
+        "guarded (a DELETE trigger or rule), hen (a cycle of foreign keys), shop (a DELETE trigger or rule), "
+        "tree (its ON DELETE action on public.tree fires the user's statement triggers or rules)"
     )
 
 

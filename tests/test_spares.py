@@ -78,6 +78,22 @@ def test_writes_after_the_last_reset_do_not_reach_the_next_run(project: Project)
     second.stdout.fnmatch_lines(["worker databases: 1 spare(s) of an earlier run taken, *"])
 
 
+def test_a_spare_changed_while_parked_is_dropped_not_taken(project: Project) -> None:
+    """Database settings no event trigger sees: the taker compares them with the spare's own
+    as created, drops the spare and clones."""
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    project.run("-p", "no:xdist").assert_outcomes(passed=11)
+    [left] = spares(project)
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET work_mem = '8MB'").format(
+            psycopg.sql.Identifier(left)))
+    result = project.run("-p", "no:xdist", "-k", "async and 0")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["worker databases: 1 cloned, *"])
+    assert left not in project.databases()
+    assert len(spares(project)) == 1  # this run's own
+
+
 def test_a_schema_change_after_the_last_reset_leaves_no_spare(project: Project) -> None:
     project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
     project.pytester.makeconftest(LATE_WRITER.format(sql="CREATE TABLE late (id int)"))

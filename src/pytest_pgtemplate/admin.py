@@ -198,14 +198,16 @@ class Admin:
             await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", name, spare))
             await self.mark(spare, marker)
 
-    async def take_spare(self, source: str, prefix: str, name: str, marker: Marker) -> str | None:
+    async def take_spare(self, source: str, prefix: str, name: str, marker: Marker) -> Marker | None:
         """Rename a spare holding ``source`` to ``name`` and mark it with ``marker``; returns
-        the spare's name, or None when there is none to take.  A rename is atomic and fails
-        while anyone is connected: of processes racing for one spare, one gets it, and a
-        spare whose last run has not quite exited is passed over."""
+        the spare's marker, or None when there is none to take.  A rename is atomic and fails
+        while anyone is connected: of processes racing for one spare, one gets it (the other
+        finds it gone), and a spare somebody is still connected to is passed over."""
         rows = await self.conn.fetch(
-            "SELECT datname, shobj_description(oid, 'pg_database') AS comment FROM pg_database "
-            "WHERE starts_with(datname, $1) AND NOT datistemplate ORDER BY datname", f"{prefix}_s_",
+            "SELECT d.datname, shobj_description(d.oid, 'pg_database') AS comment FROM pg_database d "
+            "WHERE starts_with(d.datname, $1) AND NOT d.datistemplate "
+            "AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datid = d.oid) ORDER BY d.datname",
+            f"{prefix}_s_",
         )
         for row in rows:
             spare = Marker.parse(row["comment"])
@@ -214,13 +216,16 @@ class Admin:
                 continue
             try:
                 async with self.conn.transaction():
+                    # Another taker renaming it holds its lock: move on rather than queue.
+                    await self.conn.execute("SET LOCAL lock_timeout = '2s'")
                     await self.conn.execute(sql("ALTER DATABASE {} RENAME TO {}", row["datname"], name))
                     await self.mark(name, marker)
-            except asyncpg.PostgresError as exc:
-                if errors.sqlstate(exc) in (errors.OBJECT_IN_USE, errors.INVALID_CATALOG_NAME):
-                    continue  # in use still, or taken / swept by another process meanwhile
-                raise
-            return str(row["datname"])
+            except asyncpg.PostgresError:
+                # Taken or swept meanwhile (3D000), connected to (55006), locked (55P03), or
+                # ``name`` in the way (42P04: the clone that follows says so): a spare is only
+                # a shortcut, so the next one, or a clone.
+                continue
+            return spare
         return None
 
     async def drop_ours(self, name: str, *, seen: Marker | None = None) -> bool:

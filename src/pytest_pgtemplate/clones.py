@@ -14,6 +14,7 @@ DATABASE takes hundreds of milliseconds, a reset one or two.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import asyncpg
@@ -170,7 +171,8 @@ class ClonePool:
         if self._worker_task is not None:
             await self._worker_task
         for resetter in self._resetters.values():
-            await resetter.conn.close(timeout=5)
+            with contextlib.suppress(Exception):  # the drops below end it anyway
+                await resetter.conn.close(timeout=5)
         self._resetters.clear()
         while not self._ready.empty():
             name = self._ready.get_nowait()

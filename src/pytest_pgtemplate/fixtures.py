@@ -119,7 +119,7 @@ def _database_fixture(database: str) -> Callable[[pytest.FixtureRequest], Iterat
                     "where the plugin's role may create event triggers, e.g. as a superuser)."),
                     stacklevel=1)
         db = state.call(request, lambda: runtime.begin_test(strategy))
-        yield Lease(database, db, strategy, (db.name, runtime.generation))
+        yield Lease(database, db, strategy, runtime.engine_key(db))
         state.call(request, lambda: runtime.end_test(strategy, db))
         if runtime.terminated:
             _report_terminated(state, request.node.nodeid, db.name, runtime.terminated)

@@ -99,12 +99,13 @@ class Marker:
     database: str = ""  # of a template: which of the project's databases it serves
     project: str = ""  # of a template: the project (its rootdir's name) that built it
     source: str = ""  # of a spare: the template it holds the state of (see ``Admin.source``)
+    settings: str = ""  # of a spare: its database settings as created (see ``reset.reusable``)
 
     @classmethod
     def new(cls, kind: str, fingerprint: str, run: str, prefix: str, database: str = "",
-            project: str = "", source: str = "") -> Marker:
+            project: str = "", source: str = "", settings: str = "") -> Marker:
         return cls(kind, fingerprint, run, socket.gethostname(), os.getpid(), time.time(),
-                   prefix=prefix, database=database, project=project, source=source)
+                   prefix=prefix, database=database, project=project, source=source, settings=settings)
 
     def text(self) -> str:
         return f"{MARKER_TAG} {json.dumps(asdict(self), sort_keys=True)}"

@@ -144,8 +144,7 @@ def general_tables(tables: list[Table], edges: list[tuple[int, int, str]]) -> di
     for child, parent, action in edges:
         if child == parent and action == "r":
             general.setdefault(child, "a self-reference ON DELETE RESTRICT")
-        elif child != parent and ((action == "c" and by_id[child].on_delete)
-                                  or (action in "nd" and by_id[child].on_update)):
+        elif (action == "c" and by_id[child].on_delete) or (action in "nd" and by_id[child].on_update):
             why = f"its ON DELETE action on {by_id[child].name} fires the user's statement triggers or rules"
             general.setdefault(parent, why)
     return general
@@ -338,8 +337,8 @@ class TruncateReset:
     async def sees_schema_changes(self) -> bool:
         """Whether the event triggers that note a test's DDL are there (a superuser's)."""
         return bool(await self.conn.fetchval(
-            "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = '_pgtemplate_ddl' "
-            "AND evtenabled <> 'D')"))
+            "SELECT count(*) = 2 FROM pg_event_trigger WHERE evtname IN ('_pgtemplate_ddl', "
+            "'_pgtemplate_drop') AND evtenabled IN ('O', 'A')"))
 
     async def _failure(self, exc: asyncpg.PostgresError) -> PgTemplateError:
         if errors.sqlstate(exc) == errors.LOCK_NOT_AVAILABLE:

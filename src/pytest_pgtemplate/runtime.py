@@ -79,6 +79,7 @@ class Runtime:
         self.spared: str | None = None  # the spare this process left for the next run
         self._source: str | None = None  # what a spare for this process must hold (Admin.source)
         self._settings = ""  # the worker database's settings as created (see reset.reusable)
+        self._takes = 0  # clones handed to tests
 
     @property
     def loop(self) -> LoopThread:
@@ -159,27 +160,30 @@ class Runtime:
             self.timings.clone_seconds.append(time.perf_counter() - start)
             conn = self.loop.run(connect(self.server_url, name))
             self._resetter = TruncateReset(conn, name, self.settings.reset_timeout)
-        self._settings = self.loop.run(self._admin.settings(name))
+            self._settings = self.loop.run(self._admin.settings(name))
         return self._named(name)
 
     def _take_spare(self, template: Template, name: str, marker: Marker) -> bool:
-        """Take a spare an earlier run left (see ``close``) as worker database ``name``.  Its
-        reset is run once more first (it catches writes after that run's last reset); one
-        that reports schema changes or fails is dropped, and the caller clones."""
+        """Take a spare an earlier run left (see ``close``) as worker database ``name``.  It is
+        reset and checked once more first (that catches what happened after the earlier run's
+        last check, its settings compared with those it was created with); one that fails
+        either is dropped, and the caller clones."""
         assert self._admin is not None
         if self.settings.no_spares:
             return False
         admin = self._admin
         self._source = self.loop.run(admin.source(template.name, throwaway=not self.settings.durable))
-        if self._source is None or self.loop.run(
-                admin.take_spare(self._source, self.settings.prefix, name, marker)) is None:
+        taken = None if self._source is None else self.loop.run(
+            admin.take_spare(self._source, self.settings.prefix, name, marker))
+        if taken is None:
             return False
         resetter: TruncateReset | None = None
         try:
             resetter = TruncateReset(self.loop.run(connect(self.server_url, name)), name,
                                      self.settings.reset_timeout)
-            if self.loop.run(resetter.reset()) is None:
-                self._resetter = resetter
+            if (self.loop.run(resetter.reset()) is None
+                    and self.loop.run(resetter.reusable(taken.settings))):
+                self._resetter, self._settings = resetter, taken.settings
                 return True
         except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
             pass
@@ -211,8 +215,15 @@ class Runtime:
             )
         start = time.perf_counter()
         name = self._pool.take()
+        self._takes += 1
         self.reset_seconds.setdefault("clone", []).append(time.perf_counter() - start)
         return self._named(name)
+
+    def engine_key(self, db: WorkerDatabase) -> tuple[str, int]:
+        """What the engines of ``db`` may be kept for: the worker database until it is
+        re-created; a clone only for the test it was handed to (a clone brought back by a
+        reset has had its sessions ended, and may be handed out twice in a row)."""
+        return (db.name, self.generation) if db.name == self.current_name else (db.name, -self._takes)
 
     def end_test(self, strategy: str, db: WorkerDatabase) -> None:
         """After one test: drop its clone in the background, or reset the worker database."""
@@ -339,7 +350,7 @@ class Runtime:
                  and self._resetter is not None and self._admin is not None and self._source is not None
                  and not self.settings.no_spares)
         if spare:
-            attempt(lambda: self._check_spare())
+            self._check_spare()
         if self._resetter is not None:
             resetter = self._resetter
             attempt(lambda: self.loop.run(resetter.conn.close(timeout=5)))
@@ -349,7 +360,7 @@ class Runtime:
                 kept = db
                 attempt(lambda: self.loop.run(admin.mark(db.name, self._kept_marker())))
             elif db is not None and self.spared is not None:
-                attempt(lambda: self._park(admin, db.name))
+                self._park(admin, db.name)
             if db is not None and not self.settings.keep and self.spared is None:
                 attempt(lambda: self.loop.run(admin.drop_ours(db.name)))
             attempt(lambda: self.loop.run(admin.conn.close(timeout=5)))
@@ -364,23 +375,26 @@ class Runtime:
         assert self._resetter is not None
         assert self.timings.template is not None
         resetter = self._resetter
-        if (self.loop.run(resetter.reset()) is not None
-                or not self.loop.run(resetter.reusable(self._settings))):
-            return
+        try:
+            if (self.loop.run(resetter.reset()) is not None
+                    or not self.loop.run(resetter.reusable(self._settings))):
+                return
+        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
+            return  # a spare is only a shortcut: the database is dropped as before
         self.spared = spare_name(self.settings.prefix, self.timings.template.fingerprint,
                                  os.urandom(4).hex())
 
     def _park(self, admin: Admin, name: str) -> None:
+        """Leave the worker database as a spare; if that fails it is dropped as before."""
         assert self.spared is not None
         assert self.timings.template is not None
         assert self._source is not None
         marker = Marker.new(SPARE, self.timings.template.fingerprint, self.run_id, self.settings.prefix,
-                            source=self._source)
+                            source=self._source, settings=self._settings)
         try:
             self.loop.run(admin.park(name, self.spared, marker))
-        except BaseException:
+        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
             self.spared = None  # dropped under its own name instead
-            raise
 
     def _kept_marker(self) -> Marker:
         assert self.timings.template is not None
