@@ -111,6 +111,10 @@ def test_used_clones_are_brought_back_by_a_reset_unless_a_change_could_go_unseen
     created, recycled = clone_counts(result)
     assert recycled >= 8  # 12 tests: all but the 2 DDL tests' clones (and the last one's, maybe)
     assert created <= 5  # 2 ahead, 2 for the DDL tests' (1 spare made in a race, at most)
+    result = project.run("-p", "no:xdist", "--pgt-reset", "clone", "--pgt-no-spares")
+    result.assert_outcomes(passed=12)
+    created, recycled = clone_counts(result)
+    assert (created >= 12, recycled) == (True, 0)
     with scratch_role(project, "LOGIN CREATEDB") as url:
         project.pytester._monkeypatch.setenv("PGTEMPLATE_URL", url)
         result = project.run("-p", "no:xdist", "--pgt-reset", "clone")

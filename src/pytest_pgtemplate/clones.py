@@ -35,7 +35,7 @@ class ClonePool:
 
     def __init__(self, loop: LoopThread, url: URL, *, template: str, fingerprint: str, prefix: str,
                  run_id: str, worker: str, strategy: str | None, database: str = "",
-                 throwaway: bool = False, reset_timeout: float = 10.0) -> None:
+                 throwaway: bool = False, reset_timeout: float = 10.0, recycle: bool = True) -> None:
         self._loop = loop
         self._url = url
         self._template = template
@@ -55,7 +55,8 @@ class ClonePool:
         self._reset_timeout = reset_timeout
         self._resetters: dict[str, TruncateReset] = {}  # a connection to each clone brought back
         self._settings: str | None = None  # a fresh clone's database settings
-        self._recyclable: bool | None = None  # known after the first used clone's reset
+        # Known after the first used clone's reset (unless recycling is off: every clone new).
+        self._recyclable: bool | None = None if recycle else False
         self._coming = 0  # creates and recycles queued or under way: clones on their way
         self.created = 0
         self.recycled = 0

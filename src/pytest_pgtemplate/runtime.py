@@ -211,7 +211,7 @@ class Runtime:
                 self.loop, self.server_url, template=template.name, fingerprint=template.fingerprint,
                 prefix=self.settings.prefix, run_id=self.run_id, worker=self.worker,
                 strategy=self.clone_strategy, database=self._suffix, throwaway=not self.settings.durable,
-                reset_timeout=self.settings.reset_timeout,
+                reset_timeout=self.settings.reset_timeout, recycle=not self.settings.no_spares,
             )
         start = time.perf_counter()
         name = self._pool.take()

@@ -89,7 +89,9 @@ OPTIONS: tuple[Option, ...] = (
         "Drop each worker database at the end of the run. By default it is reset and kept as a "
         "spare: the next run from the same template takes it (a rename, ~1 ms) instead of cloning "
         "(hundreds of ms on a durable server) and the run skips the drop. Spares are kept only "
-        "where the plugin sees schema changes (event triggers: superuser); --pgt-gc drops them.",
+        "where the plugin sees schema changes (event triggers: superuser); --pgt-gc drops them. "
+        "Also makes every reset=clone database a new clone (by default a used one is brought back "
+        "by a reset).",
         kind="bool",
         default=False,
     ),
