@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 from . import errors
 from .db import connect, database_settings, where
 from .errors import PgTemplateError
-from .naming import FORMAT_VERSION, SPARE, Marker, sql
+from .naming import FORMAT_VERSION, SPARE, Marker, spare_source, sql, template_build
 
 MIN_SERVER_MAJOR = 13
 CLONE_RETRY_SECONDS = 15.0
@@ -185,7 +185,7 @@ class Admin:
         build of it (a rebuilt template, same name, has another oid) with the same durability
         setting.  None if the template is gone."""
         oid = await self.conn.fetchval("SELECT oid FROM pg_database WHERE datname = $1", template)
-        return None if oid is None else f"{template}@{oid}" + ("" if throwaway else "/durable")
+        return None if oid is None else spare_source(template_build(template, oid), durable=not throwaway)
 
     async def settings(self, name: str) -> str:
         return await database_settings(self.conn, name)

@@ -114,7 +114,7 @@ class ClonePool:
                 await resetter.conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-                if await resetter.reset() is None and await resetter.reusable(self._settings):
+                if await resetter.renew(self._settings):
                     return True
         except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
             pass

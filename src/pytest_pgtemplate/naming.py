@@ -84,6 +84,26 @@ def _checked(name: str) -> str:
     return name
 
 
+def template_build(name: str, oid: int) -> str:
+    """One build of a template: a rebuilt template, same name, has another oid."""
+    return f"{name}@{oid}"
+
+
+def spare_source(build: str, *, durable: bool) -> str:
+    """What a spare holds (``Marker.source``): a template build, and its durability."""
+    return build + ("/durable" if durable else "")
+
+
+def source_build(source: str) -> str:
+    """The template build of a spare's ``source``."""
+    return source.split("/")[0]
+
+
+def source_template(source: str) -> str:
+    """The template's name in a spare's ``source``."""
+    return source.split("@")[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Marker:
     """What ``COMMENT ON DATABASE`` says about a database we created."""

@@ -325,6 +325,10 @@ class TruncateReset:
             return str(changes)
         return None
 
+    async def renew(self, settings: str) -> bool:
+        """Reset, then ``reusable``: True if the database may serve as a fresh clone again."""
+        return await self.reset() is None and await self.reusable(settings)
+
     async def reusable(self, settings: str) -> bool:
         """After a reset that saw no schema change: whether the database is now as a fresh
         clone of its template would be, so it may serve again (a later test, a later run).

@@ -181,8 +181,7 @@ class Runtime:
         try:
             resetter = TruncateReset(self.loop.run(connect(self.server_url, name)), name,
                                      self.settings.reset_timeout)
-            if (self.loop.run(resetter.reset()) is None
-                    and self.loop.run(resetter.reusable(taken.settings))):
+            if self.loop.run(resetter.renew(taken.settings)):
                 self._resetter, self._settings = resetter, taken.settings
                 return True
         except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
@@ -371,13 +370,12 @@ class Runtime:
     def _check_spare(self) -> None:
         """Whether the worker database can be left as a spare: reset once more (the app's own
         session-scoped teardown may have written since the last test's reset), and then as a
-        fresh clone would be (``TruncateReset.reusable``)."""
+        fresh clone would be (``TruncateReset.renew``)."""
         assert self._resetter is not None
         assert self.timings.template is not None
         resetter = self._resetter
         try:
-            if (self.loop.run(resetter.reset()) is not None
-                    or not self.loop.run(resetter.reusable(self._settings))):
+            if not self.loop.run(resetter.renew(self._settings)):
                 return
         except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
             return  # a spare is only a shortcut: the database is dropped as before

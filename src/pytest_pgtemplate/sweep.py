@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from .admin import Admin, DatabaseRow, run_lock, use_lock
-from .naming import BUILDING, CLONE, KEPT, SPARE, TEMPLATE, WORKER
+from .naming import (
+    BUILDING,
+    CLONE,
+    KEPT,
+    SPARE,
+    TEMPLATE,
+    WORKER,
+    source_build,
+    source_template,
+    template_build,
+)
 
 SWEEP_LOCK = "sweep"
 
@@ -52,7 +62,7 @@ async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept:
         marked = [(r, r.marker) for r in rows if r.marker is not None]
         # A spare stands in for a clone of one build of a template: once that is gone, so is
         # the spare's use.
-        builds = {f"{r.name}@{r.oid}" for r, m in marked if m.kind == TEMPLATE}
+        builds = {template_build(r.name, r.oid) for r, m in marked if m.kind == TEMPLATE}
         for row, marker in marked:
             kept_too = include_kept and marker.prefix == prefix
             if _is_leftover(row, kept_too) and await _drop_if_unused(admin, row, run_lock(marker.run)):
@@ -62,10 +72,10 @@ async def sweep(admin: Admin, *, prefix: str, keep_templates: int, include_kept:
         for row in _surplus_templates(ours, keep_templates):
             if await _drop_if_unused(admin, row, use_lock(row.name)):
                 result.pruned.append(row.name)
-                builds.discard(f"{row.name}@{row.oid}")
+                builds.discard(template_build(row.name, row.oid))
         for row, marker in marked:
             if (marker.kind == SPARE and row.name not in result.dropped
-                    and marker.source.split("/")[0] not in builds
+                    and source_build(marker.source) not in builds
                     and await _drop_if_unused(admin, row, run_lock(marker.run))):
                 result.dropped.append(row.name)
     finally:
@@ -117,7 +127,7 @@ async def describe(admin: Admin) -> list[str]:
         used = await admin.held_shared(use_lock(row.name) if is_template else run_lock(marker.run))
         state = ("in use" if used else "unused") if is_template else ("alive" if used else "dead")
         if marker.kind == SPARE:
-            state = f"ended; a spare for the next run from {marker.source.split('@')[0]}"
+            state = f"ended; a spare for the next run from {source_template(marker.source)}"
         size = "?" if row.size is None else f"{row.size / 1e6:.1f} MB"
         lines.append(
             f"{row.name}  {marker.kind}  fingerprint {marker.fingerprint[:12]}  "
