@@ -63,7 +63,10 @@ def test_a_run_leaves_its_worker_databases_as_spares_and_the_next_run_takes_them
     assert all("_w_" in db for db in workers_seen(project))  # taken under the worker's own name
     again = spares(project)
     assert len(again) == 2
-    assert not set(again) & set(left)  # the old names went with the rename
+    # Renamed on taking, renamed again on leaving. (Not necessarily both old ones: a spare
+    # someone is connected to, autovacuum say, is passed over, and a process that needs its
+    # database late may take the spare another process of the same run has just left.)
+    assert set(again) != set(left)
 
 
 def test_writes_after_the_last_reset_do_not_reach_the_next_run(project: Project) -> None:
