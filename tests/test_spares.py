@@ -64,8 +64,8 @@ def test_a_run_leaves_its_worker_databases_as_spares_and_the_next_run_takes_them
     again = spares(project)
     assert len(again) == 2
     # Renamed on taking, renamed again on leaving. (Not necessarily both old ones: a spare
-    # someone is connected to, autovacuum say, is passed over, and a process that needs its
-    # database late may take the spare another process of the same run has just left.)
+    # a client is connected to is passed over, and a process that needs its database late may
+    # take the spare another process of the same run has just left.)
     assert set(again) != set(left)
 
 

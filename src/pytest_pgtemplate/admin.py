@@ -206,7 +206,9 @@ class Admin:
         rows = await self.conn.fetch(
             "SELECT d.datname, shobj_description(d.oid, 'pg_database') AS comment FROM pg_database d "
             "WHERE starts_with(d.datname, $1) AND NOT d.datistemplate "
-            "AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datid = d.oid) ORDER BY d.datname",
+            # (An autovacuum worker on it is no user: the rename ends it.)
+            "AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datid = d.oid "
+            "AND a.backend_type = 'client backend') ORDER BY d.datname",
             f"{prefix}_s_",
         )
         for row in rows:
