@@ -17,7 +17,7 @@ import pytest_asyncio
 from conftest import SERVER_URL
 from pytest_pgtemplate import fingerprint, naming, reset, settings
 from pytest_pgtemplate.admin import Admin, run_lock
-from pytest_pgtemplate.db import connect, parse_url
+from pytest_pgtemplate.db import InlineLoop, connect, parse_url
 from pytest_pgtemplate.errors import ConfigError, PgTemplateError
 
 SRC = Path(__file__).parent.parent / "src" / "pytest_pgtemplate"
@@ -412,6 +412,64 @@ async def test_a_spare_is_taken_once_and_not_while_anyone_is_connected_to_it() -
 
 
 # -- code rules -------------------------------------------------------------
+
+
+# -- the private loop ------------------------------------------------------------
+
+
+def test_inline_loop_runs_on_the_callers_thread_or_a_helper_inside_a_running_loop() -> None:
+    import threading
+
+    loop = InlineLoop()
+    try:
+        async def where() -> str:
+            return threading.current_thread().name
+
+        assert loop.run(where()) == threading.current_thread().name
+
+        async def inside_a_running_loop() -> str:  # as from a user's async fixture
+            return loop.run(where())
+
+        assert asyncio.run(inside_a_running_loop()) == "pytest-pgtemplate-db"
+        with pytest.raises(TimeoutError):
+            loop.run(asyncio.sleep(5), timeout=0.05)
+        with pytest.raises(ZeroDivisionError):
+            loop.run(_divide())
+        assert loop.run(where())  # still usable after errors
+    finally:
+        loop.close()
+
+
+async def _divide() -> float:
+    return 1 / 0
+
+
+def test_inline_loop_sees_a_connection_the_server_ended_while_nobody_ran_it() -> None:
+    """Between calls nothing runs the loop; the next call first handles what arrived, so a
+    backend ended meanwhile shows as a closed connection (as a loop run by a thread would
+    have seen), not as an error in the middle of the next statement."""
+    loop = InlineLoop()
+    other = InlineLoop()
+    url = parse_url(SERVER_URL, "test")
+    try:
+        victim = loop.run(connect(url, "postgres"))
+        killer = other.run(connect(url, "postgres"))
+        pid = victim.get_server_pid()
+        assert other.run(killer.fetchval("SELECT pg_terminate_backend($1)", pid))
+        for _ in range(250):  # until the backend's process is gone: its socket is closed then
+            if not Path(f"/proc/{pid}").exists():
+                break
+            other.run(asyncio.sleep(0.02))
+
+        async def nothing() -> None:
+            return None
+
+        loop.run(nothing())
+        assert victim.is_closed()
+        other.run(killer.close())
+    finally:
+        loop.close()
+        other.close()
 
 
 def _modules() -> list[tuple[Path, ast.Module]]:

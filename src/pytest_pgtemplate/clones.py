@@ -1,14 +1,15 @@
 """The ``clone`` reset: every test gets a database in the template's state, of its own.
 
-Clones are prepared ahead, in the background, on the plugin's private loop and with
-an admin connection of their own, so a test usually waits milliseconds rather than a
-whole CREATE DATABASE.  A used clone is brought back in the background too: reset (see
-``reset.py``) and put back in the pool when the reset can vouch for it (no schema change:
-the event triggers, a superuser's, see every DDL; no large object; the database's
-settings as created), else dropped and replaced by a new clone, after any clone still to
-be made (a DROP DATABASE forces a checkpoint: on a durable server it would hold up the
-next test's clone).  So on a durable server the pool keeps ahead of the tests: a CREATE
-DATABASE takes hundreds of milliseconds, a reset one or two.
+Clones are prepared ahead, in the background (on a private loop of their own, which a
+daemon thread runs between calls) and with an admin connection of their own, so a test
+usually waits milliseconds rather than a whole CREATE DATABASE.  A used clone is brought
+back in the background too: reset (see ``reset.py``) and put back in the pool when the
+reset can vouch for it (no schema change: the event triggers, a superuser's, see every
+DDL; no large object; the database's settings as created), else dropped and replaced by
+a new clone, after any clone still to be made (a DROP DATABASE forces a checkpoint: on a
+durable server it would hold up the next test's clone).  So on a durable server the pool
+keeps ahead of the tests: a CREATE DATABASE takes hundreds of milliseconds, a reset one
+or two.
 """
 
 from __future__ import annotations
@@ -155,9 +156,12 @@ class ClonePool:
         self._loop.run(self._queue_soon("drop" if self._recyclable is False else "recycle", name))
 
     def close(self) -> None:
-        """Finish pending work and drop every clone still around."""
-        if self._admin is not None:
-            self._loop.run(self._close(), timeout=120)
+        """Finish pending work, drop every clone still around, and stop the pool's loop."""
+        try:
+            if self._admin is not None:
+                self._loop.run(self._close(), timeout=120)
+        finally:
+            self._loop.close()
 
     async def _close(self) -> None:
         assert self._admin is not None

@@ -299,14 +299,14 @@ class TruncateReset:
                 "SELECT _pgtemplate.reset($1, $2)", self.replica, self.timeout_ms,
                 timeout=max(30.0, self.timeout_ms / 1000 * 6),
             )
-        except asyncpg.PostgresError as exc:
-            raise await self._failure(exc) from exc
-        except CONNECTION_LOST as exc:
+        except CONNECTION_LOST as exc:  # first: a connection that died mid-statement is a PostgresError too
             raise PgTemplateError(
                 f"pytest-pgtemplate: lost the connection to {self.database} during its reset "
                 f"({type(exc).__name__}: {exc}); is the server still running? Check it, or "
                 "--pgt-url / PGTEMPLATE_URL / pgtemplate_url.", setting="url",
             ) from exc
+        except asyncpg.PostgresError as exc:
+            raise await self._failure(exc) from exc
         self.stats.seconds.append(time.perf_counter() - start)
         self.stats.tables += tables
         self.stats.terminated += terminated

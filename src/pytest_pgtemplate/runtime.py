@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL
 from . import capacity
 from .admin import Admin, run_lock
 from .clones import ClonePool
-from .db import CONNECTION_LOST, LoopThread, connect, lost, where, with_driver
+from .db import CONNECTION_LOST, InlineLoop, LoopThread, connect, lost, where, with_driver
 from .errors import PgTemplateError, PgTemplateWarning
 from .migrate import Migrator
 from .migrators import make_migrator
@@ -63,7 +63,7 @@ class Runtime:
         self.clone_strategy = clone_strategy
         self.notify = notify
         self.timings = Timings()
-        self._loop: LoopThread | None = None
+        self._loop: InlineLoop | None = None
         self._admin: Admin | None = None
         self._db: WorkerDatabase | None = None
         self._resetter: TruncateReset | None = None
@@ -82,9 +82,9 @@ class Runtime:
         self._takes = 0  # clones handed to tests
 
     @property
-    def loop(self) -> LoopThread:
+    def loop(self) -> InlineLoop:
         if self._loop is None:
-            self._loop = LoopThread()
+            self._loop = InlineLoop()
         return self._loop
 
     def database(self) -> WorkerDatabase:
@@ -207,7 +207,7 @@ class Runtime:
             template = self.timings.template
             assert template is not None
             self._pool = ClonePool(
-                self.loop, self.server_url, template=template.name, fingerprint=template.fingerprint,
+                LoopThread(), self.server_url, template=template.name, fingerprint=template.fingerprint,
                 prefix=self.settings.prefix, run_id=self.run_id, worker=self.worker,
                 strategy=self.clone_strategy, database=self._suffix, throwaway=not self.settings.durable,
                 reset_timeout=self.settings.reset_timeout, recycle=not self.settings.no_spares,

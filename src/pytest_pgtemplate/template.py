@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL
 from . import capacity, fingerprint, reset
 from .admin import NOTIFY_AFTER, Admin, use_lock
 from .appenv import temporary_env
-from .db import LoopThread, connect, where
+from .db import Loop, connect, where
 from .downgrade import check_downgrade
 from .errors import PgTemplateError
 from .guard import only_into
@@ -86,7 +86,7 @@ def prune_notes(directory: Path, max_age: float = 86400.0) -> None:
                 note.unlink()
 
 
-def ensure(loop: LoopThread, admin: Admin, request: BuildRequest) -> Template:
+def ensure(loop: Loop, admin: Admin, request: BuildRequest) -> Template:
     """Return the template for the migrator's fingerprint, building it if needed."""
     start = time.perf_counter()
     fp = fingerprint.compute(request.migrator.inputs(), server_major=admin.major, role=admin.role)
@@ -170,7 +170,7 @@ def _complete(marker: Marker | None, fp: str) -> bool:
     return marker is not None and marker.kind == TEMPLATE and marker.fingerprint == fp
 
 
-def _reuse_or_build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> bool:
+def _reuse_or_build(loop: Loop, admin: Admin, request: BuildRequest, name: str, fp: str) -> bool:
     """True if this process built the template, False if it reuses it."""
     info = loop.run(admin.info(name))
     if info is not None:
@@ -193,7 +193,7 @@ def _reuse_or_build(loop: LoopThread, admin: Admin, request: BuildRequest, name:
     return True
 
 
-def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: str) -> None:
+def _check_downgrade(loop: Loop, admin: Admin, request: BuildRequest, fp: str) -> None:
     """--pgt-check-downgrade, on a scratch database of its own (dropped afterwards)."""
     migrator = request.migrator
     if isinstance(migrator, Seeded):
@@ -210,7 +210,7 @@ def _check_downgrade(loop: LoopThread, admin: Admin, request: BuildRequest, fp: 
         loop.run(admin.drop_ours(scratch))
 
 
-def _build(loop: LoopThread, admin: Admin, request: BuildRequest, name: str, fp: str) -> None:
+def _build(loop: Loop, admin: Admin, request: BuildRequest, name: str, fp: str) -> None:
     _check_downgrade(loop, admin, request, fp)
     building = build_name(request.prefix, fp, uuid.uuid4().hex)
     loop.run(admin.create(building, Marker.new(BUILDING, fp, request.run_id, request.prefix)))
