@@ -96,6 +96,7 @@ def test_session_scoped_event_loop_reuses_pooled_connections_and_closes_them(
 
 
 FUNCTION_LOOP_SUITE = """
+import os
 import time
 
 import pytest
@@ -112,27 +113,42 @@ async def test_function_loop(pg_session, i):
 
 
 def test_each_loop_connected_anew_and_every_connection_is_gone(pg_sync_session):
-    assert len(set(PIDS)) == 4
+    if os.environ.get("EXPECT_RELAY"):
+        # The first test's connection went to the server; from the second on, tests on loops
+        # of their own get one server session through the relay, idle between them.
+        assert len(set(PIDS)) == 2 and len(set(PIDS[1:])) == 1, PIDS
+        gone, kept = PIDS[:1], PIDS[1:2]
+    else:
+        assert len(set(PIDS)) == 4
+        gone, kept = PIDS, []
     # Closed without waiting for the server: the backends end shortly after.
     for _ in range(50):
         alive = pg_sync_session.execute(
-            text("select count(*) from pg_stat_activity where pid = any(:pids)"), {"pids": PIDS}
+            text("select count(*) from pg_stat_activity where pid = any(:pids)"), {"pids": gone}
         ).scalar()
         if alive == 0:
             break
         time.sleep(0.05)
     assert alive == 0
+    states = pg_sync_session.execute(
+        text("select state from pg_stat_activity where pid = any(:pids)"), {"pids": kept}).scalars().all()
+    assert states == ["idle"] * len(kept)
 """
 
 
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "no-relay"])
 def test_function_scoped_loops_close_their_connections_without_leaks_or_warnings(
-    project: Project, monkeypatch: pytest.MonkeyPatch
+    project: Project, monkeypatch: pytest.MonkeyPatch, relay: bool
 ) -> None:
     project.pytester.makepyfile(test_loop=FUNCTION_LOOP_SUITE)
     monkeypatch.setenv("PYTHONWARNINGS", "always::ResourceWarning")
-    result = project.run("-p", "no:xdist", "-W", "error::pytest.PytestUnraisableExceptionWarning")
+    if relay:
+        monkeypatch.setenv("EXPECT_RELAY", "1")
+    result = project.run("-p", "no:xdist", "-W", "error::pytest.PytestUnraisableExceptionWarning",
+                         "--pgt-profile", *([] if relay else ["--pgt-no-relay"]))
     result.assert_outcomes(passed=5)
     assert "unclosed" not in result.stderr.str() + result.stdout.str()
+    assert ("; 3 of them given the server session of an earlier test" in result.stdout.str()) is relay
 
 
 def test_a_test_loop_scope_other_than_the_fixtures_is_named_before_the_test(project: Project) -> None:

@@ -6,7 +6,9 @@ process (its dialect initialised once).  After a test on a loop not seen before,
 pool is disposed on that loop, so no connection outlives the loop; when a second test
 runs on the same loop (a session- or module-scoped loop), the loop is long-lived and the
 pool's warm connections are kept for every later test on it.  Within one test, every
-session reuses one pooled connection.
+session reuses one pooled connection.  When tests keep coming on loops of their own
+(function scope, pytest-asyncio's default), the engine connects through the relay
+(``relay.py``): each test's connection is new, its server session an earlier test's.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import profile
 from .errors import PgTemplateError
+from .relay import Relay, relayable
 from .runtime import WorkerDatabase
 
 
 class Engines:
     """The process's engines for the current worker database (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, relay: bool = True) -> None:
         self.key: tuple[str, int] | None = None
         self._async: AsyncEngine | None = None
         self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
@@ -36,6 +39,9 @@ class Engines:
         # (shutdown_asyncgens), disposing that loop's engine there, on that loop.
         self._closers: list[tuple[AsyncEngine, AsyncGenerator[None, None]]] = []
         self._connections: list[object] = []  # the DBAPI connections the async engine opened
+        self._relay: Relay | None = None  # started once tests are seen on loops of their own
+        self._relay_failed = not relay  # off, or it could not reach the server
+        self._relayed = False  # the async engine connects through the relay
 
     def sync_for(self, db: WorkerDatabase, key: tuple[str, int]) -> Engine:
         self._check(key)
@@ -62,15 +68,34 @@ class Engines:
                 "(an anyio_backend fixture returning \"asyncio\")."
             ) from exc
         previous = self._last_loop() if self._last_loop is not None else None
-        if self._async is None or (previous is not loop and self._keep_warm):
+        if (self._async is not None and previous is not loop and not self._keep_warm
+                and self._relay is None and not self._relay_failed):
+            # A second test, on a loop of its own again: from now on through the relay.
+            self._start_relay(db)
+        relayed = self._relay is not None
+        if self._async is None or (previous is not loop and self._keep_warm) or relayed != self._relayed:
             # New, or the long-lived loop was replaced (e.g. per-module loops): that loop's
             # engine is its closer's to dispose, at that loop's shutdown.
-            self._async = create_async_engine(db.url)
+            url = db.url if self._relay is None else self._relay.url.set(database=db.url.database)
+            self._async, self._relayed = create_async_engine(url), relayed
             self._connections = []  # a replaced engine's are its closer's
             event.listen(self._async.sync_engine, "connect", self._opened)
         self._keep_warm = previous is loop
         self._last_loop = weakref.ref(loop)
         return self._async
+
+    def _start_relay(self, db: WorkerDatabase) -> None:
+        """The relay for this server, if it can reach it (else connections stay direct)."""
+        if not relayable(db.url):
+            self._relay_failed = True
+            return
+        relay = Relay(db.url)
+        try:
+            relay.start()
+        except Exception:  # any reason at all: direct connections work as before
+            self._relay_failed = True
+            return
+        self._relay = relay
 
     async def close_at_loop_shutdown(self) -> None:
         """On a long-lived loop (a test's second), once: close its engine's warm connections
@@ -103,6 +128,10 @@ class Engines:
         await self._async.dispose(close=False)
         for connection in opened:
             _close_without_waiting(connection)
+        if self._relay is not None:
+            # Their server sessions back in the relay's pool before the reset looks for
+            # sessions left inside a transaction.
+            self._relay.settle()
 
     def _opened(self, dbapi_connection: object, _record: object) -> None:
         self._connections.append(dbapi_connection)
@@ -113,12 +142,13 @@ class Engines:
         # Another database (a clone), or the worker database was re-created: the
         # connections we pool lead to the old one.
         if key != self.key:
-            self.close()
+            self._forget()
             self.key = key
 
-    def close(self) -> None:
+    def _forget(self) -> None:
         """Forget every engine without awaiting: the loop may be closed already, and the
-        worker database is dropped WITH (FORCE) right after."""
+        worker database is dropped WITH (FORCE) right after.  The relay's pooled server
+        sessions end (and are waited for: the database may be renamed next)."""
         if self._async is not None:
             self._async.sync_engine.dispose(close=False)
         if self._sync is not None:
@@ -126,6 +156,17 @@ class Engines:
         self._async, self._sync, self._last_loop, self._keep_warm = None, None, None, False
         self._closers.clear()  # a loop still open runs them when these are collected
         self._connections = []
+        if self._relay is not None:
+            self._relay.clear()
+
+    def close(self) -> None:
+        """At the end: ``_forget``, and the relay stops."""
+        self._forget()
+        if self._relay is not None:
+            if profile.ACTIVE is not None:
+                profile.ACTIVE.reused += self._relay.reused
+            self._relay.close()
+            self._relay = None
 
 
 TERMINATE = b"X\x00\x00\x00\x04"  # the protocol's Terminate message: no log line on the server

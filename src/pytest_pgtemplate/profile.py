@@ -40,6 +40,7 @@ class Profiler:
     plugin: dict[str, list[float]] = field(default_factory=lambda: {"setup": [], "teardown": []})
     startup: dict[str, float] = field(default_factory=dict)
     connections: int = 0  # opened by the plugin's async engines
+    reused: int = 0  # of those, served by a server session of an earlier test (the relay)
     _current: dict[str, float] = field(default_factory=lambda: {"setup": 0.0, "teardown": 0.0})
     marks: dict[str, float] = field(default_factory=dict)  # perf_counter moments
 
@@ -78,6 +79,7 @@ class Profiler:
 
     def to_dict(self) -> dict[str, Any]:
         return {"phases": self.phases, "plugin": self.plugin, "connections": self.connections,
+                "reused": self.reused,
                 "startups": [self.startup] if self.startup else []}
 
 
@@ -112,7 +114,8 @@ def merge(into: dict[str, Any], other: dict[str, Any]) -> None:
         for key, values in other.get(group, {}).items():
             into.setdefault(group, {}).setdefault(key, []).extend(values)
     into.setdefault("startups", []).extend(other.get("startups", []))
-    into["connections"] = into.get("connections", 0) + other.get("connections", 0)
+    for key in ("connections", "reused"):
+        into[key] = into.get(key, 0) + other.get(key, 0)
 
 
 def _stats(values: list[float]) -> str:
@@ -142,10 +145,14 @@ def format_profile(profile: dict[str, Any], resets: list[float]) -> list[str]:
     tests, opened = len(phases["call"]), int(profile.get("connections", 0))
     if opened:
         line = f"  connections opened by the plugin's async engine: {opened}"
+        reused = int(profile.get("reused", 0))
         if opened * 2 > tests > 1:
             line += (" (about one per test: function-scoped event loops, each test connects anew; a "
                      "session-scoped loop keeps connections warm: asyncio_default_fixture_loop_scope "
                      "= session, and the same for the tests' loops)")
+        if reused:
+            line += (f"; {reused} of them given the server session of an earlier test "
+                     "(the relay: no new backend to start and warm)")
         lines.append(line)
     startups: list[dict[str, float]] = profile.get("startups", [])
     if startups:

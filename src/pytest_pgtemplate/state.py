@@ -160,7 +160,9 @@ class PluginState:
         return [name for name, runtime in self._runtimes.items() if runtime.app_found]
 
     def engines_for(self, database: str) -> Engines:
-        return self.engines.setdefault(database, Engines())
+        if database not in self.engines:
+            self.engines[database] = Engines(relay=not self.settings.no_relay)
+        return self.engines[database]
 
     def call(self, request: pytest.FixtureRequest, func: Callable[[], T]) -> T:
         """Run ``func``; a PgTemplateError fails the test with our message alone (the

@@ -1,0 +1,396 @@
+"""Warm server sessions for tests that each run on an event loop of their own.
+
+pytest-asyncio gives every test a loop of its own unless told otherwise, and an asyncpg
+connection belongs to the loop that opened it: each test then connects anew, and a new
+server backend starts cold (its catalog caches empty, the app's enum and other types
+introspected again by asyncpg): about 15 ms of every test on the bench's schema.
+
+The relay keeps backends for the next test.  The plugin's async engine connects to a
+Unix socket of the relay (in a private directory), which either hands the connection a
+backend an earlier test used, its session reset by ``DISCARD ALL`` (settings, prepared
+statements, temporary tables, listeners and advisory locks gone, caches kept), or opens
+one and relays its start-up, authentication included, untouched.  A backend goes back
+to the pool only when its session ended idle (no transaction open, no answer pending);
+otherwise it is closed, as a direct connection would have been.  Cancel requests are
+passed to the server.  Everything runs on a loop of its own, on a daemon thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from sqlalchemy.engine import URL
+
+from .db import LoopThread
+
+SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
+PROTOCOL_3 = 196608
+SETTLE_SECONDS = 5.0  # bound on waiting for sessions to come back, or for backends to end
+MAX_PACKET = 1 << 30
+
+
+def relayable(url: URL) -> bool:
+    """Whether the relay can reach this server as asyncpg would: one host (or Unix socket
+    directory), nothing about TLS or other targets in the URL, and a platform with Unix
+    sockets."""
+    hosts = [url.host or "", url.query.get("host") or ""]
+    return (hasattr(socket, "AF_UNIX") and set(url.query) <= {"host"}
+            and all(isinstance(h, str) and "," not in h for h in hosts))
+
+
+@dataclass
+class _Session:
+    """What one client session's messages tell: whether the server is ready (its first
+    ReadyForQuery came), and whether the session is idle with no answer pending."""
+
+    ready: bool = False
+    pending: int = 0  # queries, syncs and function calls the server has not answered yet
+    status: bytes = b"I"  # of the last ReadyForQuery
+
+    @property
+    def idle(self) -> bool:
+        return self.pending == 0 and self.status == b"I"
+
+    def from_client(self, kind: bytes, _body: bytes) -> bool:
+        if kind == b"X":
+            return False  # the goodbye is the relay's to say, or not
+        if kind in (b"Q", b"S", b"F"):
+            self.pending += 1
+        return True
+
+    def from_server(self, backend: _Backend) -> Callable[[bytes, bytes], bool]:
+        def seen(kind: bytes, body: bytes) -> bool:
+            backend.note(kind, body)
+            if kind == b"Z":
+                self.status, self.ready = body, True
+                self.pending = max(0, self.pending - 1)
+            return True
+        return seen
+
+
+@dataclass(eq=False)
+class _Backend:
+    """One server session the relay keeps: its stream, and what a client is told at start."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    params: dict[bytes, bytes] = field(default_factory=dict)  # ParameterStatus, latest values
+    key_data: bytes = b""  # the BackendKeyData message, as the server sent it
+    watcher: asyncio.Task[None] | None = None  # reads while idle: the end of the session
+    partial: bool = False  # the watcher holds part of a message: the stream is not whole
+
+    @property
+    def alive(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def note(self, kind: bytes, body: bytes) -> None:
+        if kind == b"S":
+            name, _, rest = body.partition(b"\0")
+            self.params[name] = rest.rstrip(b"\0")
+        elif kind == b"K":
+            self.key_data = _message(b"K", body)
+
+    def close(self) -> None:
+        """Say goodbye (no log line on the server) and close, without waiting."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+        if not self.writer.is_closing():
+            self.writer.write(_message(b"X", b""))
+            self.writer.close()
+
+    async def end(self) -> None:
+        """Say goodbye and wait (bounded) until the server closes the session: a backend
+        closes its socket after it has left the server's list of sessions, so the database
+        can be renamed or dropped right after."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
+            self.watcher = None
+        if not self.writer.is_closing():
+            self.writer.write(_message(b"X", b""))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._until_eof(), SETTLE_SECONDS)
+            self.writer.close()
+
+    async def _until_eof(self) -> None:
+        while await self.reader.read(65536):
+            pass
+
+
+class Relay:
+    """A pool of warm backends of one server behind a Unix socket (see module docstring)."""
+
+    def __init__(self, url: URL) -> None:
+        self._server_url = url
+        self._loop = LoopThread()
+        self._dir = tempfile.mkdtemp(prefix="pgt-relay-")  # 0700: only this user connects
+        port = url.port or 5432
+        self.url = url._replace(host=None).set(query={"host": self._dir})  # set() keeps a None host
+        self._path = os.path.join(self._dir, f".s.PGSQL.{port}")
+        self._idle: dict[bytes, list[_Backend]] = {}
+        self._clients = 0  # client sessions not yet over (their backend back or closed)
+        self._quiet: asyncio.Event | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.opened = 0  # backends started
+        self.reused = 0  # sessions served by a warm backend
+
+    # -- the caller's side (blocking) ------------------------------------------------
+
+    def start(self) -> None:
+        """Listen, and check a session goes through (that leaves a warm backend); raises
+        if the server cannot be reached this way."""
+        self._loop.run(self._listen())
+        try:
+            self._loop.run(self._probe(), timeout=30)
+        except BaseException:
+            self.close()
+            raise
+
+    def settle(self) -> None:
+        """Wait (bounded) until every client session has ended and its backend is back in
+        the pool or closed: a reset must not find one half-way (``DISCARD ALL`` running)."""
+        self._loop.run(self._settled(), timeout=SETTLE_SECONDS + 1)
+
+    def clear(self) -> None:
+        """End every pooled backend (the database is about to be dropped or renamed)."""
+        self._loop.run(self._clear(), timeout=SETTLE_SECONDS + 1)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run(self._shutdown(), timeout=SETTLE_SECONDS + 1)
+        self._loop.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- the relay's loop --------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._server = await asyncio.start_unix_server(self._serve, path=self._path)
+
+    async def _probe(self) -> None:
+        conn = await asyncpg.connect(host=self._dir, port=self._server_url.port or 5432,
+                                     user=self._server_url.username, password=self._server_url.password,
+                                     database=self._server_url.database, timeout=10)
+        await conn.close(timeout=5)
+        await self._settled()
+
+    async def _settled(self) -> None:
+        assert self._quiet is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), SETTLE_SECONDS)
+
+    async def _clear(self) -> None:
+        await self._settled()
+        backends = [b for pool in self._idle.values() for b in pool]
+        self._idle.clear()
+        await asyncio.gather(*(backend.end() for backend in backends))
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._quiet is not None
+        self._clients += 1
+        self._quiet.clear()
+        backend: _Backend | None = None
+        reusable = False
+        try:
+            packet = await _packet(reader)
+            while _code(packet) in (SSL_REQUEST, GSSENC_REQUEST):
+                writer.write(b"N")  # no TLS on a local socket: go on in plain text
+                packet = await _packet(reader)
+            if _code(packet) == CANCEL_REQUEST:
+                await self._pass_cancel(packet)
+                return
+            backend, warm = await self._backend_for(packet, writer)
+            reusable = await self._relay(reader, writer, backend, ready=warm)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            reusable = False
+        finally:
+            writer.close()
+            if backend is not None:
+                if reusable and backend.alive and await self._discard(backend):
+                    self._park(packet, backend)
+                else:
+                    backend.close()
+            self._clients -= 1
+            if not self._clients:
+                self._quiet.set()
+
+    async def _backend_for(self, startup: bytes, client: asyncio.StreamWriter) -> tuple[_Backend, bool]:
+        """A warm backend for this start-up packet, its start told to the client (True); else
+        a new one, sent the packet (its authentication is relayed with the rest)."""
+        pool = self._idle.get(startup, [])
+        while pool:
+            backend = pool.pop()
+            if backend.watcher is not None:
+                backend.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await backend.watcher
+                backend.watcher = None
+            if not backend.alive or backend.partial:
+                backend.close()
+                continue
+            self.reused += 1
+            client.write(_message(b"R", struct.pack("!i", 0))
+                         + b"".join(_message(b"S", k + b"\0" + v + b"\0") for k, v in backend.params.items())
+                         + backend.key_data + _message(b"Z", b"I"))
+            await client.drain()
+            return backend, True
+        upstream_reader, upstream_writer = await self._open_upstream()
+        self.opened += 1
+        upstream_writer.write(startup)  # the rest of the start (authentication) is relayed
+        return _Backend(upstream_reader, upstream_writer), False
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter,
+                     backend: _Backend, *, ready: bool) -> bool:
+        """Pass bytes both ways, whole messages at a time, until the client says goodbye or
+        goes: True if the session is then idle with nothing pending (its backend may serve
+        again), False if not or if the server went.  Each direction forwards what it has
+        read as one write: one read and one write per burst, not per message."""
+        session = _Session(ready=ready)
+        to_server = asyncio.ensure_future(self._pump(client_reader, backend.writer, session.from_client))
+        to_client = asyncio.ensure_future(self._pump(backend.reader, client, session.from_server(backend)))
+        try:
+            done, _ = await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_COMPLETED)
+            if to_client in done or to_server.exception() is not None:
+                return False  # the server went (or said no at the start), or the client broke off
+            to_client.cancel()  # waiting between messages: nothing half-read is lost
+            with contextlib.suppress(asyncio.CancelledError):
+                await to_client
+            return session.ready and session.idle
+        finally:
+            for task in (to_server, to_client):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    seen: Callable[[bytes, bytes], bool]) -> None:
+        """Forward whole messages from ``reader`` to ``writer``; ``seen`` is told each one
+        first and returns False to stop before it (the client's goodbye).  Returns at the
+        end of the stream or on that stop."""
+        buf = bytearray()
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            buf += chunk
+            pos, stop = 0, False
+            while len(buf) - pos >= 5:
+                length = int.from_bytes(buf[pos + 1:pos + 5], "big")
+                if not 4 <= length <= MAX_PACKET:
+                    raise ValueError(f"bad message length {length}")
+                end = pos + 1 + length
+                if end > len(buf):
+                    break
+                if not seen(bytes(buf[pos:pos + 1]), bytes(buf[pos + 5:end])):
+                    stop = True
+                    break
+                pos = end
+            if pos:
+                writer.write(bytes(buf[:pos]))
+                del buf[:pos]
+                await writer.drain()
+            if stop:
+                return
+
+    async def _discard(self, backend: _Backend) -> bool:
+        """Reset the session for the next client; True if it ended idle and clean."""
+        backend.writer.write(_message(b"Q", b"DISCARD ALL\0"))
+        try:
+            await backend.writer.drain()
+            failed = False
+            while True:
+                kind, body = await asyncio.wait_for(_read_message(backend.reader), SETTLE_SECONDS)
+                backend.note(kind, body)
+                failed = failed or kind == b"E"
+                if kind == b"Z":
+                    return not failed and body == b"I"
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+            return False
+
+    def _park(self, startup: bytes, backend: _Backend) -> None:
+        self._idle.setdefault(startup, []).append(backend)
+        backend.watcher = asyncio.ensure_future(self._watch(backend))
+
+    async def _watch(self, backend: _Backend) -> None:
+        """While pooled: the server may end the session (terminated, shut down, database
+        dropped); note its last words and close it."""
+        buf = bytearray()
+        try:
+            # Whole reads (read() loses nothing when the watch is called off at a hand-out);
+            # a message still incomplete then makes the session unusable (``partial``).
+            while chunk := await backend.reader.read(65536):
+                buf += chunk
+                while len(buf) >= 5 and len(buf) >= 1 + (length := int.from_bytes(buf[1:5], "big")):
+                    kind, body = bytes(buf[:1]), bytes(buf[5:1 + length])
+                    del buf[:1 + length]
+                    backend.note(kind, body)
+                    if kind == b"E":
+                        raise EOFError
+                backend.partial = bool(buf)
+        except (OSError, EOFError):
+            pass
+        backend.watcher = None
+        for pool in self._idle.values():
+            if backend in pool:
+                pool.remove(backend)
+        backend.close()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        url = self._server_url
+        port = url.port or 5432
+        host = url.query.get("host") or url.host  # as SQLAlchemy's asyncpg dialect: the query wins
+        if isinstance(host, str) and host.startswith("/"):
+            return await asyncio.open_unix_connection(os.path.join(host, f".s.PGSQL.{port}"))
+        if not host:  # libpq's default: the local socket directory
+            return await asyncio.open_unix_connection(f"/var/run/postgresql/.s.PGSQL.{port}")
+        return await asyncio.open_connection(str(host), port)
+
+    async def _pass_cancel(self, packet: bytes) -> None:
+        with contextlib.suppress(OSError):
+            _, writer = await self._open_upstream()
+            writer.write(packet)
+            await writer.drain()
+            writer.close()
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    header = await reader.readexactly(5)
+    (length,) = struct.unpack("!i", header[1:])
+    if not 4 <= length <= MAX_PACKET:
+        raise ValueError(f"bad message length {length}")
+    return header[:1], await reader.readexactly(length - 4)
+
+
+async def _packet(reader: asyncio.StreamReader) -> bytes:
+    """An untyped packet (start-up, SSL, cancel): its length first."""
+    head = await reader.readexactly(4)
+    (length,) = struct.unpack("!i", head)
+    if not 8 <= length <= 10000:
+        raise ValueError(f"bad start-up packet length {length}")
+    return head + await reader.readexactly(length - 4)
+
+
+def _code(packet: bytes) -> int:
+    return int(struct.unpack("!i", packet[4:8])[0])
