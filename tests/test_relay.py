@@ -137,10 +137,45 @@ async def test_clear_ends_the_pooled_sessions_before_returning(relay: Relay) -> 
     assert await backends([pid]) == {}  # gone at once: the database may be renamed or dropped now
 
 
+@pytest.mark.asyncio
+async def test_a_session_that_set_a_custom_setting_is_not_handed_on(relay: Relay) -> None:
+    """After RESET ALL a custom setting stays defined ('' where a new session has NULL):
+    such a session is closed, not handed to the next test."""
+    for statement in ("SET app.tenant = 'a'", "SELECT set_config('app.tenant', 'a', false)",
+                      "BEGIN; SET LOCAL app.tenant = 'a'; COMMIT"):
+        conn = await through(relay)
+        await conn.execute(statement)
+        pid = conn.get_server_pid()
+        await conn.close()
+        relay.settle()
+        conn = await through(relay)
+        try:
+            assert conn.get_server_pid() != pid, statement
+            assert await conn.fetchval("SELECT current_setting('app.tenant', true)") is None
+        finally:
+            await conn.close()
+        relay.settle()
+
+
+@pytest.mark.asyncio
+async def test_idle_sessions_kept_are_few_whatever_a_test_held_at_once(relay: Relay) -> None:
+    conns = [await through(relay) for _ in range(5)]
+    pids = [c.get_server_pid() for c in conns]
+    for conn in conns:
+        await conn.close()
+    relay.settle()
+    assert sorted((await backends(pids)).values()) == ["idle", "idle"]  # the rest ended
+
+
 def test_what_the_relay_does_not_take() -> None:
     assert relayable(SERVER)
+    assert relayable(SERVER.set(host="localhost"))
+    assert relayable(SERVER._replace(host=None).set(query={"host": "/var/run/postgresql"}))
+    assert not relayable(SERVER.set(host="db.example.com"))  # plain text must not leave the machine
+    assert not relayable(SERVER.set(host="10.1.2.3"))
+    assert not relayable(SERVER._replace(host=None))  # asyncpg's own search of defaults: not guessed
     assert not relayable(SERVER.set(query={"ssl": "require"}))
-    assert not relayable(SERVER.set(host=None).set(query={"host": "/a,/b"}))
+    assert not relayable(SERVER._replace(host=None).set(query={"host": "/a,/b"}))
     # Nothing listens there: start() says so (the engine then connects directly).
     with pytest.raises((OSError, asyncpg.exceptions.ConnectionDoesNotExistError)):
         Relay(SERVER.set(port=1)).start()

@@ -161,12 +161,14 @@ class Engines:
 
     def close(self) -> None:
         """At the end: ``_forget``, and the relay stops."""
-        self._forget()
-        if self._relay is not None:
-            if profile.ACTIVE is not None:
-                profile.ACTIVE.reused += self._relay.reused
-            self._relay.close()
-            self._relay = None
+        try:
+            self._forget()
+        finally:
+            if self._relay is not None:
+                if profile.ACTIVE is not None:
+                    profile.ACTIVE.reused += self._relay.reused
+                self._relay.close()
+                self._relay = None
 
 
 TERMINATE = b"X\x00\x00\x00\x04"  # the protocol's Terminate message: no log line on the server

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
+import re
 import shutil
 import socket
 import struct
@@ -36,35 +38,66 @@ SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
 PROTOCOL_3 = 196608
 SETTLE_SECONDS = 5.0  # bound on waiting for sessions to come back, or for backends to end
 MAX_PACKET = 1 << 30
+CONNECT_SECONDS = 10.0  # bound on a client's start-up packet, and on reaching the server
+POOL_SIZE = 2  # idle sessions kept per start-up (more only for tests that hold several at once)
+READ_BODIES = frozenset({b"Z", b"S", b"K", b"Q", b"P"})  # the messages whose content matters here
 
 
 def relayable(url: URL) -> bool:
-    """Whether the relay can reach this server as asyncpg would: one host (or Unix socket
-    directory), nothing about TLS or other targets in the URL, and a platform with Unix
-    sockets."""
-    hosts = [url.host or "", url.query.get("host") or ""]
-    return (hasattr(socket, "AF_UNIX") and set(url.query) <= {"host"}
-            and all(isinstance(h, str) and "," not in h for h in hosts))
+    """Whether the relay may stand in for a direct connection: a server on this machine (a
+    Unix socket directory or a loopback address: the relay speaks plain text to it, which
+    never leaves the machine), named explicitly, nothing else in the URL's query (TLS
+    settings, several hosts...), and a platform with Unix sockets."""
+    host = _upstream_host(url)
+    if not hasattr(socket, "AF_UNIX") or not set(url.query) <= {"host"} or not host:
+        return False
+    if host.startswith("/"):
+        return True
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _upstream_host(url: URL) -> str | None:
+    """The server's host as SQLAlchemy's asyncpg dialect passes it (the query's wins)."""
+    host = url.query.get("host") or url.host
+    return host if isinstance(host, str) and "," not in host else None
+
+
+# A custom (dotted) setting stays defined for the rest of a server session: after RESET
+# ALL, current_setting('app.tenant', true) is '' where a new session has NULL.  A session
+# whose statements may set one is not handed on.
+CUSTOM_SETTING = re.compile(rb"set_config|\bset\s+(?:session\s+|local\s+)?\"?[a-z_][\w$]*\"?\s*\.",
+                            re.IGNORECASE)
 
 
 @dataclass
 class _Session:
     """What one client session's messages tell: whether the server is ready (its first
-    ReadyForQuery came), and whether the session is idle with no answer pending."""
+    ReadyForQuery came), whether the session is idle with no answer pending, and whether
+    it may have set a custom setting (then it is not handed on)."""
 
     ready: bool = False
     pending: int = 0  # queries, syncs and function calls the server has not answered yet
     status: bytes = b"I"  # of the last ReadyForQuery
+    custom: bool = False
+    partial: bool = False  # the server's side stopped holding part of a message
 
     @property
-    def idle(self) -> bool:
-        return self.pending == 0 and self.status == b"I"
+    def reusable(self) -> bool:
+        return (self.ready and self.pending == 0 and self.status == b"I" and not self.custom
+                and not self.partial)
 
-    def from_client(self, kind: bytes, _body: bytes) -> bool:
+    def from_client(self, kind: bytes, body: bytes) -> bool:
         if kind == b"X":
             return False  # the goodbye is the relay's to say, or not
         if kind in (b"Q", b"S", b"F"):
             self.pending += 1
+        if kind in (b"Q", b"P") and not self.custom and CUSTOM_SETTING.search(body):
+            self.custom = True
         return True
 
     def from_server(self, backend: _Backend) -> Callable[[bytes, bytes], bool]:
@@ -117,10 +150,13 @@ class _Backend:
                 await self.watcher
             self.watcher = None
         if not self.writer.is_closing():
-            self.writer.write(_message(b"X", b""))
-            with contextlib.suppress(Exception):
+            try:
+                self.writer.write(_message(b"X", b""))
                 await asyncio.wait_for(self._until_eof(), SETTLE_SECONDS)
-            self.writer.close()
+            except (OSError, asyncio.TimeoutError):
+                pass
+            finally:
+                self.writer.close()
 
     async def _until_eof(self) -> None:
         while await self.reader.read(65536):
@@ -149,8 +185,8 @@ class Relay:
     def start(self) -> None:
         """Listen, and check a session goes through (that leaves a warm backend); raises
         if the server cannot be reached this way."""
-        self._loop.run(self._listen())
         try:
+            self._loop.run(self._listen())
             self._loop.run(self._probe(), timeout=30)
         except BaseException:
             self.close()
@@ -162,12 +198,14 @@ class Relay:
         self._loop.run(self._settled(), timeout=SETTLE_SECONDS + 1)
 
     def clear(self) -> None:
-        """End every pooled backend (the database is about to be dropped or renamed)."""
-        self._loop.run(self._clear(), timeout=SETTLE_SECONDS + 1)
+        """End every pooled backend (the database is about to be dropped or renamed);
+        bounded: a session that does not end in time is left to the drop's FORCE."""
+        with contextlib.suppress(TimeoutError):
+            self._loop.run(self._clear(), timeout=3 * SETTLE_SECONDS)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._loop.run(self._shutdown(), timeout=SETTLE_SECONDS + 1)
+            self._loop.run(self._shutdown(), timeout=3 * SETTLE_SECONDS)
         self._loop.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -208,16 +246,16 @@ class Relay:
         backend: _Backend | None = None
         reusable = False
         try:
-            packet = await _packet(reader)
+            packet = await asyncio.wait_for(_packet(reader), CONNECT_SECONDS)
             while _code(packet) in (SSL_REQUEST, GSSENC_REQUEST):
                 writer.write(b"N")  # no TLS on a local socket: go on in plain text
-                packet = await _packet(reader)
+                packet = await asyncio.wait_for(_packet(reader), CONNECT_SECONDS)
             if _code(packet) == CANCEL_REQUEST:
                 await self._pass_cancel(packet)
                 return
             backend, warm = await self._backend_for(packet, writer)
             reusable = await self._relay(reader, writer, backend, ready=warm)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
             reusable = False
         finally:
             writer.close()
@@ -245,12 +283,17 @@ class Relay:
                 backend.close()
                 continue
             self.reused += 1
-            client.write(_message(b"R", struct.pack("!i", 0))
-                         + b"".join(_message(b"S", k + b"\0" + v + b"\0") for k, v in backend.params.items())
-                         + backend.key_data + _message(b"Z", b"I"))
-            await client.drain()
+            try:
+                client.write(_message(b"R", struct.pack("!i", 0))
+                             + b"".join(_message(b"S", k + b"\0" + v + b"\0")
+                                        for k, v in backend.params.items())
+                             + backend.key_data + _message(b"Z", b"I"))
+                await client.drain()
+            except BaseException:
+                backend.close()  # the client went during the hand-out: the session ends with it
+                raise
             return backend, True
-        upstream_reader, upstream_writer = await self._open_upstream()
+        upstream_reader, upstream_writer = await asyncio.wait_for(self._open_upstream(), CONNECT_SECONDS)
         self.opened += 1
         upstream_writer.write(startup)  # the rest of the start (authentication) is relayed
         return _Backend(upstream_reader, upstream_writer), False
@@ -263,7 +306,8 @@ class Relay:
         read as one write: one read and one write per burst, not per message."""
         session = _Session(ready=ready)
         to_server = asyncio.ensure_future(self._pump(client_reader, backend.writer, session.from_client))
-        to_client = asyncio.ensure_future(self._pump(backend.reader, client, session.from_server(backend)))
+        to_client = asyncio.ensure_future(self._pump(backend.reader, client, session.from_server(backend),
+                                                     session))
         try:
             done, _ = await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_COMPLETED)
             if to_client in done or to_server.exception() is not None:
@@ -271,7 +315,7 @@ class Relay:
             to_client.cancel()  # waiting between messages: nothing half-read is lost
             with contextlib.suppress(asyncio.CancelledError):
                 await to_client
-            return session.ready and session.idle
+            return session.reusable
         finally:
             for task in (to_server, to_client):
                 if not task.done():
@@ -281,10 +325,11 @@ class Relay:
 
     @staticmethod
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    seen: Callable[[bytes, bytes], bool]) -> None:
+                    seen: Callable[[bytes, bytes], bool], session: _Session | None = None) -> None:
         """Forward whole messages from ``reader`` to ``writer``; ``seen`` is told each one
-        first and returns False to stop before it (the client's goodbye).  Returns at the
-        end of the stream or on that stop."""
+        first (the body of those the relay reads) and returns False to stop before it (the
+        client's goodbye).  Returns at the end of the stream or on that stop.  With
+        ``session``: whether part of a message is held when stopped from outside."""
         buf = bytearray()
         while True:
             chunk = await reader.read(65536)
@@ -299,13 +344,17 @@ class Relay:
                 end = pos + 1 + length
                 if end > len(buf):
                     break
-                if not seen(bytes(buf[pos:pos + 1]), bytes(buf[pos + 5:end])):
+                kind = bytes(buf[pos:pos + 1])
+                if not seen(kind, bytes(buf[pos + 5:end]) if kind in READ_BODIES else b""):
                     stop = True
                     break
                 pos = end
             if pos:
                 writer.write(bytes(buf[:pos]))
                 del buf[:pos]
+            if session is not None:
+                session.partial = bool(buf)
+            if pos:
                 await writer.drain()
             if stop:
                 return
@@ -326,7 +375,11 @@ class Relay:
             return False
 
     def _park(self, startup: bytes, backend: _Backend) -> None:
-        self._idle.setdefault(startup, []).append(backend)
+        pool = self._idle.setdefault(startup, [])
+        if len(pool) >= POOL_SIZE:
+            backend.close()  # as a direct connection would be: no idle sessions pile up
+            return
+        pool.append(backend)
         backend.watcher = asyncio.ensure_future(self._watch(backend))
 
     async def _watch(self, backend: _Backend) -> None:
@@ -354,18 +407,20 @@ class Relay:
         backend.close()
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        url = self._server_url
-        port = url.port or 5432
-        host = url.query.get("host") or url.host  # as SQLAlchemy's asyncpg dialect: the query wins
-        if isinstance(host, str) and host.startswith("/"):
+        port = self._server_url.port or 5432
+        host = _upstream_host(self._server_url)
+        assert host is not None  # relayable()
+        if host.startswith("/"):
             return await asyncio.open_unix_connection(os.path.join(host, f".s.PGSQL.{port}"))
-        if not host:  # libpq's default: the local socket directory
-            return await asyncio.open_unix_connection(f"/var/run/postgresql/.s.PGSQL.{port}")
-        return await asyncio.open_connection(str(host), port)
+        return await asyncio.open_connection(host, port)
 
     async def _pass_cancel(self, packet: bytes) -> None:
-        with contextlib.suppress(OSError):
-            _, writer = await self._open_upstream()
+        """Pass a cancel request to the server, unless its session is idle in the pool: the
+        statement it was meant for is over, and the next client's must not be cancelled."""
+        if any(b.key_data[5:13] == packet[8:16] for pool in self._idle.values() for b in pool):
+            return
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            _, writer = await asyncio.wait_for(self._open_upstream(), CONNECT_SECONDS)
             writer.write(packet)
             await writer.drain()
             writer.close()
