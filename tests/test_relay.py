@@ -64,6 +64,8 @@ async def test_a_session_that_ended_idle_is_handed_on_reset_as_if_new(relay: Rel
     conn = await through(relay)
     await conn.execute("SET TimeZone = 'Asia/Tokyo'; CREATE TEMP TABLE leftover (x int); "
                        "SELECT pg_advisory_lock(424242); PREPARE p AS SELECT 1")
+    # What asyncpg sends to introspect an enum or other custom type: not a custom setting.
+    await conn.fetch("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new")
     pid = conn.get_server_pid()
     await conn.close()
     relay.settle()

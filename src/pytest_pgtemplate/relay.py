@@ -69,9 +69,11 @@ def _upstream_host(url: URL) -> str | None:
 
 # A custom (dotted) setting stays defined for the rest of a server session: after RESET
 # ALL, current_setting('app.tenant', true) is '' where a new session has NULL.  A session
-# whose statements may set one is not handed on.
-CUSTOM_SETTING = re.compile(rb"set_config|\bset\s+(?:session\s+|local\s+)?\"?[a-z_][\w$]*\"?\s*\.",
-                            re.IGNORECASE)
+# whose statements may set one is not handed on: SET of a dotted name, or set_config() of
+# a dotted literal or of a parameter (asyncpg's own set_config('jit', ...) is no such).
+CUSTOM_SETTING = re.compile(
+    rb"\bset_config\s*\(\s*(?:'[^']*\.|\$|[a-z_])|\bset\s+(?:session\s+|local\s+)?\"?[a-z_][\w$]*\"?\s*\.",
+    re.IGNORECASE)
 
 
 @dataclass
