@@ -35,7 +35,6 @@ from sqlalchemy.engine import URL
 from .db import LoopThread
 
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
-PROTOCOL_3 = 196608
 SETTLE_SECONDS = 5.0  # bound on waiting for sessions to come back, or for backends to end
 MAX_PACKET = 1 << 30
 CONNECT_SECONDS = 10.0  # bound on a client's start-up packet, and on reaching the server
