@@ -50,6 +50,8 @@ def lost(url: URL, exc: BaseException) -> PgTemplateError:
     )
 
 
+TERMINATE = b"X\x00\x00\x00\x04"  # the protocol's Terminate message: no log line on the server
+
 CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
                    asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
                    OSError, asyncio.TimeoutError)

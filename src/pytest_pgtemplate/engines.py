@@ -21,6 +21,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import profile
+from .db import TERMINATE
 from .errors import PgTemplateError
 from .relay import Relay, relayable
 from .runtime import WorkerDatabase
@@ -169,9 +170,6 @@ class Engines:
                     profile.ACTIVE.reused += self._relay.reused
                 self._relay.close()
                 self._relay = None
-
-
-TERMINATE = b"X\x00\x00\x00\x04"  # the protocol's Terminate message: no log line on the server
 
 
 def _close_without_waiting(dbapi_connection: object) -> None:

@@ -26,13 +26,13 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import asyncpg
 from sqlalchemy.engine import URL
 
-from .db import LoopThread
+from .db import TERMINATE, LoopThread
 
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
 SETTLE_SECONDS = 5.0  # bound on waiting for sessions to come back, or for backends to end
@@ -50,9 +50,7 @@ def relayable(url: URL) -> bool:
     host = _upstream_host(url)
     if not hasattr(socket, "AF_UNIX") or not set(url.query) <= {"host"} or not host:
         return False
-    if host.startswith("/"):
-        return True
-    if host == "localhost":
+    if host.startswith("/") or host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -138,7 +136,7 @@ class _Backend:
         if self.watcher is not None:
             self.watcher.cancel()
         if not self.writer.is_closing():
-            self.writer.write(_message(b"X", b""))
+            self.writer.write(TERMINATE)
             self.writer.close()
 
     async def end(self) -> None:
@@ -152,7 +150,7 @@ class _Backend:
             self.watcher = None
         if not self.writer.is_closing():
             try:
-                self.writer.write(_message(b"X", b""))
+                self.writer.write(TERMINATE)
                 await asyncio.wait_for(self._until_eof(), SETTLE_SECONDS)
             except (OSError, asyncio.TimeoutError):
                 pass
@@ -338,15 +336,8 @@ class Relay:
                 return
             buf += chunk
             pos, stop = 0, False
-            while len(buf) - pos >= 5:
-                length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-                if not 4 <= length <= MAX_PACKET:
-                    raise ValueError(f"bad message length {length}")
-                end = pos + 1 + length
-                if end > len(buf):
-                    break
-                kind = bytes(buf[pos:pos + 1])
-                if not seen(kind, bytes(buf[pos + 5:end]) if kind in READ_BODIES else b""):
+            for kind, start, end in _frames(buf):
+                if not seen(kind, bytes(buf[start:end]) if kind in READ_BODIES else b""):
                     stop = True
                     break
                 pos = end
@@ -392,14 +383,14 @@ class Relay:
             # a message still incomplete then makes the session unusable (``partial``).
             while chunk := await backend.reader.read(65536):
                 buf += chunk
-                while len(buf) >= 5 and len(buf) >= 1 + (length := int.from_bytes(buf[1:5], "big")):
-                    kind, body = bytes(buf[:1]), bytes(buf[5:1 + length])
-                    del buf[:1 + length]
-                    backend.note(kind, body)
+                pos = 0
+                for kind, start, pos in _frames(buf):
+                    backend.note(kind, bytes(buf[start:pos]))
                     if kind == b"E":
                         raise EOFError
+                del buf[:pos]
                 backend.partial = bool(buf)
-        except (OSError, EOFError):
+        except (OSError, EOFError, ValueError):
             pass
         backend.watcher = None
         for pool in self._idle.values():
@@ -431,12 +422,29 @@ def _message(kind: bytes, body: bytes) -> bytes:
     return kind + struct.pack("!i", len(body) + 4) + body
 
 
-async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    header = await reader.readexactly(5)
-    (length,) = struct.unpack("!i", header[1:])
+def _frames(buf: bytearray) -> Iterator[tuple[bytes, int, int]]:
+    """The whole messages at the start of ``buf``: each one's type, and where its body
+    starts and ends (the end is where the next message starts)."""
+    pos = 0
+    while len(buf) - pos >= 5:
+        end = pos + 1 + _length(buf[pos + 1:pos + 5])
+        if end > len(buf):
+            return
+        yield bytes(buf[pos:pos + 1]), pos + 5, end
+        pos = end
+
+
+def _length(field: bytes | bytearray) -> int:
+    """A message's length field (itself included), checked."""
+    length = int.from_bytes(field, "big")
     if not 4 <= length <= MAX_PACKET:
         raise ValueError(f"bad message length {length}")
-    return header[:1], await reader.readexactly(length - 4)
+    return length
+
+
+async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    header = await reader.readexactly(5)
+    return header[:1], await reader.readexactly(_length(header[1:]) - 4)
 
 
 async def _packet(reader: asyncio.StreamReader) -> bytes:
