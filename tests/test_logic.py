@@ -6,6 +6,8 @@ import ast
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -230,6 +232,47 @@ def test_alembic_fingerprint_does_not_depend_on_where_the_project_lives(tmp_path
         return fingerprint.compute(inputs, server_major=15)
 
     assert project(tmp_path / "checkout-1") == project(tmp_path / "ci" / "checkout-2")
+
+
+@pytest.mark.parametrize("location", ["%(here)s/migrations", "migrations", "./sub/../migrations", "ABS"])
+def test_alembic_script_dir_is_found_as_alembic_finds_it_without_importing_it(
+        tmp_path: Path, location: str) -> None:
+    """The fingerprint of a warm run reads alembic.ini itself (Alembic's import is ~0.15 s
+    per process); where it resolves the migrations must be where Alembic does."""
+    (tmp_path / "migrations" / "versions").mkdir(parents=True)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "migrations" / "env.py").write_text("pass\n")
+    location = str(tmp_path / "migrations") if location == "ABS" else location
+    (tmp_path / "alembic.ini").write_text(f"[alembic]\nscript_location = {location}\n")
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom pytest_pgtemplate.migrate import AlembicMigrator\n"
+        f"m = AlembicMigrator(Path({str(tmp_path / 'alembic.ini')!r}))\n"
+        "found = m.script_dir(); m.inputs()\n"
+        "assert not any(name.split('.')[0] == 'alembic' for name in sys.modules), 'alembic imported'\n"
+        "print(found.resolve())\n"
+        "print(Path(m._script(m._config()).dir).resolve())\n"
+    )
+    # A fresh interpreter in another directory: Alembic itself resolves paths against the cwd.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path / "sub").stdout.split("\n")
+    assert out[0] == out[1] == str((tmp_path / "migrations").resolve())
+
+
+def test_alembic_script_dir_as_a_package_resource_is_left_to_alembic(tmp_path: Path) -> None:
+    from pytest_pgtemplate.migrate import AlembicMigrator
+
+    pkg = tmp_path / "scratchpkg_pgt"
+    (pkg / "migrations" / "versions").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "migrations" / "env.py").write_text("pass\n")
+    (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = scratchpkg_pgt:migrations\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        found = AlembicMigrator(tmp_path / "alembic.ini").script_dir()
+        assert found.resolve() == (pkg / "migrations").resolve()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("scratchpkg_pgt", None)
 
 
 # -- reset ------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import configparser
 import logging
 import os
 import threading
@@ -17,12 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import asyncpg
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -32,6 +30,10 @@ from .appenv import temporary_env
 from .errors import ConfigError, PgTemplateError
 from .fingerprint import tree_inputs
 from .settings import OPTIONS_BY_NAME
+
+if TYPE_CHECKING:  # Alembic is imported where a migration runs: a warm run needs none of it
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 ALEMBIC_SETTING = OPTIONS_BY_NAME["alembic_ini"].names()
 
@@ -126,6 +128,8 @@ class AlembicMigrator:
     kind: str = "alembic"
 
     def _config(self) -> Config:
+        from alembic.config import Config
+
         cfg = Config(str(self.ini), cmd_opts=argparse.Namespace(x=list(self.x_arguments)))
         location = cfg.get_main_option("script_location")
         if location is None:
@@ -139,10 +143,32 @@ class AlembicMigrator:
             cfg.set_main_option("script_location", str(self.ini.parent / location))
         return cfg
 
+    def _ini(self) -> configparser.ConfigParser:
+        """The ini file as Alembic's ``Config`` reads it (``%(here)s`` its directory)."""
+        parser = configparser.ConfigParser({"here": self.ini.absolute().parent.as_posix()})
+        try:
+            parser.read([self.ini], encoding="locale")
+        except configparser.Error as exc:
+            raise ConfigError(
+                f"pytest-pgtemplate: cannot read {self.ini}: {exc}. Fix it, or set {ALEMBIC_SETTING}.",
+                setting="alembic_ini",
+            ) from exc
+        return parser
+
     def script_dir(self) -> Path:
+        """The migrations' directory.  A plain path (the usual case) is resolved here, as
+        ``_config`` has Alembic resolve it, without importing Alembic; a package resource
+        (``package:path``) or a missing directory is left to Alembic, and its errors."""
+        location = self._ini().get("alembic", "script_location", fallback=None)
+        if location is not None and ":" not in location:
+            path = Path(location) if Path(location).is_absolute() else self.ini.parent / location
+            if (path / "env.py").is_file():
+                return path
         return Path(self._script(self._config()).dir)
 
     def _script(self, cfg: Config) -> ScriptDirectory:
+        from alembic.script import ScriptDirectory
+
         try:
             return ScriptDirectory.from_config(cfg)
         except Exception as exc:
@@ -153,19 +179,19 @@ class AlembicMigrator:
             ) from exc
 
     def inputs(self) -> list[tuple[str, bytes]]:
-        cfg = Config(str(self.ini))  # as written: _config() makes paths absolute
+        ini = self._ini()  # as written: _config() makes paths absolute
 
         def portable(value: str) -> str:
             # %(here)s is expanded: the project's location must not change the fingerprint.
             return value.replace(str(self.ini.parent), "%(here)s")
 
         found = tree_inputs(self.script_dir(), "scripts")
-        for extra in (cfg.get_main_option("version_locations") or "").replace(",", " ").split():
+        for extra in (ini.get("alembic", "version_locations", fallback=None) or "").replace(",", " ").split():
             path = Path(extra) if Path(extra).is_absolute() else self.ini.parent / extra
             if path.is_dir():
                 found += tree_inputs(path, f"versions:{portable(extra)}")
         options = sorted(
-            (k, portable(v)) for k, v in cfg.get_section(cfg.config_ini_section, {}).items()
+            (k, portable(v)) for k, v in (ini.items("alembic") if ini.has_section("alembic") else [])
             if k not in ("sqlalchemy.url", "here")
         )
         found.append(("alembic-options", repr(options).encode()))
@@ -179,10 +205,14 @@ class AlembicMigrator:
         return f"alembic upgrade heads ({self.ini})"
 
     def migrate(self, url: URL, progress: Progress | None = None) -> None:
+        from alembic import command
+
         self._run(url, lambda cfg: command.upgrade(cfg, "heads"), progress or Progress())
 
     def downgrade_all(self, url: URL) -> None:
         """``alembic downgrade base`` (for --pgt-check-downgrade)."""
+        from alembic import command
+
         self._run(url, lambda cfg: command.downgrade(cfg, "base"), Progress())
 
     def _run(self, url: URL, action: Callable[[Config], None], progress: Progress) -> None:
