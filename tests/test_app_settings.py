@@ -241,3 +241,41 @@ def test_a_run_whose_tests_used_only_another_database_says_so(
             f"the configuration pytest found from here ({project.pytester.path}/tox.ini), or run pytest "
             "where that file is"])
 
+
+
+# A sync app whose engine is built at import time from DATABASE_URL.
+SYNC_APP_SUITE = '''
+import os
+
+from sqlalchemy import create_engine, text
+
+engine = create_engine(os.environ["DATABASE_URL"])
+
+
+def test_the_sync_app_reaches_its_database():
+    with engine.begin() as conn:
+        assert conn.execute(text("select count(*) from customer")).scalar() == 0
+'''
+
+
+def test_an_unset_variable_gets_the_scheme_the_projects_dotenv_writes_else_a_failure_says_which(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    project.pytester.makepyfile(test_inner=SYNC_APP_SUITE)
+    run = ("-p", "no:xdist", "--pgt-env", "DATABASE_URL")
+    # No hint in the project: the async default, and a sync engine fails deep in SQLAlchemy;
+    # the report says which variable holds what, and the fix.
+    result = project.run(*run)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*MissingGreenlet*",
+        "*pytest-pgtemplate*",
+        "the app's engine is sync, but DATABASE_URL (pgtemplate_env) holds a postgresql+asyncpg:// URL, "
+        "a driver of the other kind. Name the scheme it needs: pgtemplate_env = "
+        "DATABASE_URL=postgresql+psycopg2 (or DATABASE_URL=postgresql+psycopg for psycopg 3).",
+    ])
+    # The project's committed example names its driver: that scheme is used.
+    (project.pytester.path / ".env.example").write_text(
+        "# copy to .env\nexport DATABASE_URL='postgresql+psycopg://me:secret@localhost/app'\n")
+    project.run(*run).assert_outcomes(passed=1)

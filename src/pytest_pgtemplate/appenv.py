@@ -5,7 +5,9 @@ parts (``POSTGRES_SERVER``, ``POSTGRES_DB``...).  ``pgtemplate_env`` names them:
 separated by commas or lines, each
 
 - ``NAME``: the URL, in the scheme the variable already had (``postgresql://``,
-  ``postgres://``...), else ``postgresql+asyncpg``;
+  ``postgres://``...), else the one the project writes for it (a dotenv file's
+  ``NAME=postgresql+psycopg2://...``, the rootdir alembic.ini's ``sqlalchemy.url``), else
+  ``postgresql+asyncpg``;
 - ``NAME=SCHEME``: the URL in that scheme (``DATABASE_URL=postgresql+psycopg2``);
 - ``NAME=TEMPLATE``: text with ``{host}``, ``{port}``, ``{user}``, ``{password}``,
   ``{database}`` filled in (``POSTGRES_DB={database}``); a password the URL lacks (trust
@@ -23,6 +25,7 @@ import string
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.engine import URL
 
@@ -39,13 +42,16 @@ class EnvEntry:
     scheme: str | None = None
     template: str | None = None
 
-    def value(self, url: URL, existing: str | None) -> str:
+    def value(self, url: URL, existing: str | None, rootdir: Path | None = None) -> str:
         if self.template is not None:
             parts = {"host": url.host or "", "port": "" if url.port is None else str(url.port),
                      "user": url.username or "", "password": url.password or "",
                      "database": url.database or ""}
             return self.template.format_map(parts)
-        return app_url(url, existing, self.scheme)
+        scheme = self.scheme
+        if scheme is None and not (existing and "://" in existing) and rootdir is not None:
+            scheme = project_scheme(self.name, rootdir)
+        return app_url(url, existing, scheme)
 
     def spec(self) -> str:
         extra = self.template if self.template is not None else self.scheme
@@ -101,10 +107,55 @@ def app_url(url: URL, existing: str | None, scheme: str | None = None) -> str:
     return url.set(drivername=scheme).render_as_string(hide_password=False)
 
 
-def point_env(spec: str, url: URL) -> None:
+# Dotenv files a project keeps in its rootdir, the committed examples included.
+DOTENV_FILES = (".env", ".env.test", ".env.testing", ".env.local", ".env.example", ".env.sample",
+                ".env.template", ".env.dist", "example.env", "sample.env")
+
+
+def project_scheme(name: str, rootdir: Path) -> str | None:
+    """The URL scheme the project itself writes for variable ``name``: in a dotenv file of
+    the rootdir (``NAME=postgresql+psycopg2://...``), else in the rootdir alembic.ini's
+    ``sqlalchemy.url``; None when neither names a PostgreSQL scheme.  (A sync app whose
+    variable is unset in CI would otherwise get the async default and fail deep in
+    SQLAlchemy.)"""
+    assignment = re.compile(
+        rf"""^[ \t]*(?:export[ \t]+)?{re.escape(name)}[ \t]*[=:][ \t]*["']?({_SCHEME.pattern})://""",
+        re.MULTILINE)
+    for filename in DOTENV_FILES:
+        if match := assignment.search(_read(rootdir / filename)):
+            return match.group(1)
+    ini_url = re.compile(rf"^[ \t]*sqlalchemy\.url[ \t]*=[ \t]*({_SCHEME.pattern})://", re.MULTILINE)
+    if match := ini_url.search(_read(rootdir / "alembic.ini")):
+        return match.group(1)
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace") if path.is_file() else ""
+    except OSError:
+        return ""
+
+
+def driver_mismatch(exc: BaseException | None) -> str | None:
+    """For a test that failed because the app's engine got a driver of the wrong kind (an
+    async engine with a sync driver, or the reverse): which kind it needs."""
+    seen = 0
+    while exc is not None and seen < 10:
+        text = f"{type(exc).__name__}: {exc}"
+        if type(exc).__name__ == "MissingGreenlet" or "greenlet_spawn has not been called" in text:
+            return "sync"
+        if "requires an async driver" in text:
+            return "async"
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def point_env(spec: str, url: URL, rootdir: Path | None = None) -> None:
     """Set every variable ``spec`` names to ``url`` (or its parts)."""
     for entry in parse_env(spec):
-        os.environ[entry.name] = entry.value(url, os.environ.get(entry.name))
+        os.environ[entry.name] = entry.value(url, os.environ.get(entry.name), rootdir)
 
 
 @contextmanager

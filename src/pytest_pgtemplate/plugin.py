@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL
 
 from . import IMPORT_STARTED, profile
 from .admin import Admin
+from .appenv import driver_mismatch, env_names
 from .db import parse_url, where
 from .errors import PgTemplateError
 from .guard import guard_tests, unguard_tests
@@ -253,7 +254,29 @@ def pytest_runtest_makereport(
                 report.sections.append(("pytest-pgtemplate", f"worker database: {db}"))
             if state.terminations:  # the likely cause of a cascade of failures
                 report.sections.append(("pytest-pgtemplate", f"earlier, {state.terminations[0]}"))
+        if call.excinfo is not None and (hint := _driver_hint(state, call.excinfo.value)):
+            report.sections.append(("pytest-pgtemplate", hint))
     return report
+
+
+def _driver_hint(state: PluginState, exc: BaseException) -> str | None:
+    """An engine of the app built from a ``pgtemplate_env`` variable with the wrong kind of
+    driver fails deep in SQLAlchemy: say which variable, what it holds, and the fix."""
+    needs = driver_mismatch(exc)
+    if needs is None:
+        return None
+    async_only = ("asyncpg", "aiopg", "psycopg_async")
+    for database in state.settings.database_names:
+        for name in env_names(state.settings.for_database(database).env):
+            scheme = os.environ.get(name, "").partition("://")[0]
+            driver = scheme.partition("+")[2]
+            wrong = driver in async_only if needs == "sync" else driver in ("", "psycopg2", "pg8000")
+            if scheme.startswith("postgres") and wrong:
+                fix = (f"{name}=postgresql+psycopg2 (or {name}=postgresql+psycopg for psycopg 3)"
+                       if needs == "sync" else f"{name}=postgresql+asyncpg")
+                return (f"the app's engine is {needs}, but {name} (pgtemplate_env) holds a {scheme}:// "
+                        f"URL, a driver of the other kind. Name the scheme it needs: pgtemplate_env = {fix}.")
+    return None
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

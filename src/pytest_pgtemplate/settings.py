@@ -171,8 +171,9 @@ OPTIONS: tuple[Option, ...] = (
         "env",
         "Environment variables (comma or line separated) set to the worker database in every "
         "process before conftest.py files and test modules are imported, and to the database being "
-        "built while migrating: NAME gets the URL (in the variable's own scheme, else "
-        "postgresql+asyncpg), NAME=SCHEME the URL in that scheme (DATABASE_URL=postgresql+psycopg2), "
+        "built while migrating: NAME gets the URL (in the variable's own scheme, else the one the "
+        "rootdir's .env files or alembic.ini write for it, else postgresql+asyncpg), NAME=SCHEME "
+        "the URL in that scheme (DATABASE_URL=postgresql+psycopg2), "
         "NAME=TEMPLATE one part or more (POSTGRES_DB={database}; fields "
         + ", ".join("{" + p + "}" for p in PARTS) + "; no password: empty).",
         kind="env",

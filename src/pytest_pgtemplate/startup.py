@@ -110,7 +110,7 @@ def point_env_vars(config: pytest.Config, state: PluginState) -> None:
     for database in state.settings.database_names:
         env = state.settings.for_database(database).env
         if env is not None:
-            point_env(env, _planned_url(config, state, database))
+            point_env(env, _planned_url(config, state, database), state.settings.rootdir)
             _found_by_app(config, state, database)
 
 
