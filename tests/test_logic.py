@@ -855,3 +855,66 @@ def test_paths_from_settings_are_normalised() -> None:
     assert settings.alembic_ini is not None
     assert settings.alembic_ini.as_posix() == "/proj/db/alembic.ini"
     assert ".." not in settings.alembic_ini.parts
+
+
+# -- what the project says of itself -------------------------------------------------
+
+
+def test_project_scheme_reads_dotenv_files_then_alembic_ini(tmp_path: Path) -> None:
+    from pytest_pgtemplate.appenv import project_scheme
+
+    assert project_scheme("DATABASE_URL", tmp_path) is None
+    (tmp_path / "alembic.ini").write_text("[alembic]\nsqlalchemy.url = driver://user:pass@localhost/dbname\n")
+    assert project_scheme("DATABASE_URL", tmp_path) is None  # alembic init's placeholder
+    (tmp_path / "alembic.ini").write_text("[alembic]\nsqlalchemy.url = postgresql+psycopg2://u@h/db\n")
+    assert project_scheme("DATABASE_URL", tmp_path) == "postgresql+psycopg2"
+    (tmp_path / ".env.sample").write_text("OTHER_DATABASE_URL=postgresql+asyncpg://x\n"
+                                          'DATABASE_URL = "postgresql://u@h/db"\n')
+    assert project_scheme("DATABASE_URL", tmp_path) == "postgresql"  # the dotenv file first
+    assert project_scheme("OTHER_DATABASE_URL", tmp_path) == "postgresql+asyncpg"
+    (tmp_path / ".env").write_text("  export DATABASE_URL=postgresql+psycopg://u@h/db\n")
+    assert project_scheme("DATABASE_URL", tmp_path) == "postgresql+psycopg"  # .env before examples
+
+
+def test_driver_mismatch_follows_the_exception_chain() -> None:
+    from pytest_pgtemplate.appenv import driver_mismatch
+
+    class MissingGreenlet(Exception):
+        pass
+
+    outer = RuntimeError("the app's error")
+    outer.__cause__ = MissingGreenlet("greenlet_spawn has not been called; can't call await_only() here")
+    assert driver_mismatch(outer) == "sync"
+    assert driver_mismatch(ValueError("The asyncio extension requires an async driver to be used. "
+                                      "The loaded 'psycopg2' is not async.")) == "async"
+    assert driver_mismatch(ValueError("something else")) is None
+
+
+def test_script_dirs_finds_alembic_folders_below_the_rootdir_but_not_in_virtualenvs(tmp_path: Path) -> None:
+    from pytest_pgtemplate.migrators import script_dirs
+
+    def scripts(path: Path) -> Path:
+        (path / "versions").mkdir(parents=True)
+        (path / "env.py").write_text("")
+        return path
+
+    found = [scripts(tmp_path / "migrations"), scripts(tmp_path / "src" / "app" / "db" / "alembic")]
+    scripts(tmp_path / ".venv" / "lib" / "site" / "migrations")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("")
+    scripts(tmp_path / "venv" / "pkg" / "migrations")
+    scripts(tmp_path / "a" / "b" / "c" / "d" / "e")  # deeper than a project keeps them
+    (tmp_path / "notes" / "env.py").parent.mkdir()
+    (tmp_path / "notes" / "env.py").write_text("")  # no versions/: not Alembic's
+    assert script_dirs(tmp_path) == sorted(p.resolve() for p in found)
+
+
+def test_fingerprint_caveat_only_for_a_migrate_function_fingerprinted_by_its_module_alone() -> None:
+    from pytest_pgtemplate.migrators import fingerprint_caveat
+
+    alone = [("migrate:app.db:migrate", b"src"), ("migrator", b"callable:migrate")]
+    assert "covers only the source of app.db:migrate's module" in fingerprint_caveat(alone)
+    assert fingerprint_caveat([*alone, ("scripts-of-migrate:migrations/versions/1.py", b"")]) == ""
+    assert fingerprint_caveat([*alone, ("file:db/schema.sql", b"")]) == ""
+    assert fingerprint_caveat([("seed:app.db:seed", b""), ("migrator", b"callable:seed")]) == ""
+    assert fingerprint_caveat([("migrator", b"alembic")]) == ""

@@ -125,7 +125,22 @@ class AlembicMigrator:
     ini: Path
     x_arguments: tuple[str, ...] = ()
     check_downgrade: bool = False
+    rootdir: Path | None = None  # where `alembic -c <ini>` is likely run from (relative paths)
     kind: str = "alembic"
+
+    def base(self) -> Path:
+        """The directory relative paths of the ini (``script_location``, ``version_locations``)
+        start from.  Alembic takes them from the current directory; pytest may run from
+        anywhere, so: the ini's directory where the migrations are found from there (an ini
+        at the project's top), else the rootdir's or the current directory (an ini kept in a
+        subdirectory, written for ``alembic -c sub/alembic.ini`` run from the top)."""
+        location = self._ini().get("alembic", "script_location", fallback=None)
+        bases = [self.ini.parent, *(d for d in (self.rootdir, Path.cwd()) if d is not None)]
+        if location is not None and ":" not in location and not Path(location).is_absolute():
+            for base in bases:
+                if (base / location / "env.py").is_file():
+                    return base
+        return self.ini.parent
 
     def _config(self) -> Config:
         from alembic.config import Config
@@ -140,7 +155,7 @@ class AlembicMigrator:
             )
         if ":" not in location and not Path(location).is_absolute():
             # Alembic resolves relative paths against the cwd; pytest may run from anywhere.
-            cfg.set_main_option("script_location", str(self.ini.parent / location))
+            cfg.set_main_option("script_location", str(self.base() / location))
         return cfg
 
     def _ini(self) -> configparser.ConfigParser:
@@ -161,7 +176,7 @@ class AlembicMigrator:
         (``package:path``) or a missing directory is left to Alembic, and its errors."""
         location = self._ini().get("alembic", "script_location", fallback=None)
         if location is not None and ":" not in location:
-            path = Path(location) if Path(location).is_absolute() else self.ini.parent / location
+            path = Path(location) if Path(location).is_absolute() else self.base() / location
             if (path / "env.py").is_file():
                 return path
         return Path(self._script(self._config()).dir)
@@ -173,8 +188,8 @@ class AlembicMigrator:
             return ScriptDirectory.from_config(cfg)
         except Exception as exc:
             raise ConfigError(
-                f"pytest-pgtemplate: Alembic cannot load the migrations of {self.ini}: {exc}. "
-                f"Fix script_location, or set {ALEMBIC_SETTING}.",
+                f"pytest-pgtemplate: Alembic cannot load the migrations of {self.ini}: "
+                f"{str(exc).rstrip('.')}. Fix script_location, or set {ALEMBIC_SETTING}.",
                 setting="alembic_ini",
             ) from exc
 
@@ -187,7 +202,7 @@ class AlembicMigrator:
 
         found = tree_inputs(self.script_dir(), "scripts")
         for extra in (ini.get("alembic", "version_locations", fallback=None) or "").replace(",", " ").split():
-            path = Path(extra) if Path(extra).is_absolute() else self.ini.parent / extra
+            path = Path(extra) if Path(extra).is_absolute() else self.base() / extra
             if path.is_dir():
                 found += tree_inputs(path, f"versions:{portable(extra)}")
         options = sorted(
@@ -232,7 +247,7 @@ class AlembicMigrator:
                 f"pgtemplate_env = {name} so they use the worker database.")
 
         def body() -> None:
-            with (_preserved_logging(), _cwd(self.ini.parent), _watching(progress),
+            with (_preserved_logging(), _cwd(self.base()), _watching(progress),
                   temporary_env(elsewhere, url)):
                 if wants_connection:
                     asyncio.run(_with_connection(cfg, url, action))
@@ -378,6 +393,10 @@ def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
     if type(exc).__name__ == "MissingGreenlet":
         hint = (" A sync engine got an async driver's URL: if env.py reads the variable of "
                 "pgtemplate_env, name the scheme it needs there (e.g. DATABASE_URL=postgresql+psycopg).")
+    elif "outside of application context" in str(exc):
+        hint = (" This env.py is Flask-Migrate's: it needs the Flask app. Set pgtemplate_migrate to a "
+                "function of yours that runs flask_migrate.upgrade() inside app.app_context() with the "
+                "app's database URI set to the URL it is given (docs: your-app.md, Flask-Migrate).")
     if extension_hint := extensions.hint(exc):
         return PgTemplateError(
             f"pytest-pgtemplate: migration failed {where}: {type(exc).__name__}: {str(exc).rstrip('.')}. "

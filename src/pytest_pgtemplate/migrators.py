@@ -26,6 +26,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from . import extensions
 from .errors import ConfigError, PgTemplateError
+from .fingerprint import tree_inputs
 from .migrate import AlembicMigrator, Migrator, Progress, find_alembic_ini, run_in_fresh_thread
 from .settings import OPTIONS_BY_NAME, Settings
 
@@ -34,21 +35,24 @@ def make_migrator(settings: Settings, seeds: tuple[Migrator, ...] = ()) -> Migra
     """The migrator the settings ask for: a callable, a MetaData, else Alembic; then the
     seed of the settings and ``seeds`` (the seed hook's implementations)."""
     migrator: Migrator
+    builder = ("migrate" if settings.migrate is not None
+               else "metadata" if settings.metadata is not None else None)
+    if settings.check_downgrade and builder is not None:
+        raise ConfigError(
+            "pytest-pgtemplate: --pgt-check-downgrade runs Alembic's downgrade, but the template is "
+            f"built with pgtemplate_{builder}, which the plugin cannot undo; unset one of "
+            f"{OPTIONS_BY_NAME['check_downgrade'].names()} or pgtemplate_{builder}.",
+            setting="check_downgrade",
+        )
     if settings.migrate is not None:
         migrator = CallableMigrator(settings.migrate, settings.rootdir, "migrate",
                                     alembic_ini=settings.alembic_ini)
-    elif settings.check_downgrade and settings.metadata is not None:
-        raise ConfigError(
-            "pytest-pgtemplate: --pgt-check-downgrade needs Alembic migrations, but the template is "
-            "built with pgtemplate_metadata; unset one of --pgt-check-downgrade / "
-            "PGTEMPLATE_CHECK_DOWNGRADE / pgtemplate_check_downgrade or pgtemplate_metadata.",
-            setting="check_downgrade",
-        )
     elif settings.metadata is not None:
         migrator = MetadataMigrator(settings.metadata, settings.rootdir)
     else:
         ini = find_alembic_ini(settings.alembic_ini, settings.source("alembic_ini"), settings.rootdir)
-        migrator = AlembicMigrator(ini, tuple(settings.alembic_x), settings.check_downgrade)
+        migrator = AlembicMigrator(ini, tuple(settings.alembic_x), settings.check_downgrade,
+                                   settings.rootdir)
     if settings.seed is not None:
         seeds = (CallableMigrator(settings.seed, settings.rootdir, "seed"), *seeds)
     files = declared_files(settings.fingerprint_files, settings.rootdir)
@@ -168,7 +172,10 @@ class CallableMigrator:
 
     Its module's source feeds the fingerprint; a migrate function that runs Alembic is
     fingerprinted by the migrations too: those of the alembic.ini the settings name, the
-    rootdir's, and any ``*.ini`` its module names that has an ``[alembic]`` section.
+    rootdir's, any ``*.ini`` its module names that has an ``[alembic]`` section, and every
+    Alembic script directory of the project (``env.py`` beside ``versions/``, as
+    Flask-Migrate keeps them, with an alembic.ini that names no ``script_location``).
+    Taking too many only rebuilds more often; missing one would reuse a stale template.
     """
 
     path: str
@@ -192,11 +199,19 @@ class CallableMigrator:
         found = [(f"{self.setting}:{self.path}", source),
                  ("migrator", f"{self.kind}:{self.setting}".encode())]
         if self.setting == "migrate":
+            covered: set[Path] = set()
             for ini in self._alembic_inis(func, source):
                 label = _relative(ini, self.rootdir)
+                alembic = AlembicMigrator(ini, rootdir=self.rootdir)
+                covered.add(alembic.script_dir().resolve())
                 found += [(f"alembic-of-migrate:{label}:{name}", data)
-                          for name, data in AlembicMigrator(ini).inputs() if name != "migrator"]
+                          for name, data in alembic.inputs() if name != "migrator"]
+            for directory in script_dirs(self.rootdir):
+                if directory not in covered:
+                    label = f"scripts-of-migrate:{_relative(directory, self.rootdir)}"
+                    found += tree_inputs(directory, label)
         return found
+
 
     def _alembic_inis(self, func: object, source: bytes) -> list[Path]:
         """alembic.ini files the function may run: named by the settings, in the rootdir,
@@ -239,6 +254,49 @@ def _run_user_code(call: Callable[[], object], what: str) -> None:
             f"{type(exc).__name__}: {str(exc).rstrip('.')}. The template was not published"
             + (extensions.hint(exc) or "; fix it and run again.")
         ) from exc
+
+
+def fingerprint_caveat(inputs: list[tuple[str, bytes]]) -> str:
+    """What a person must know about a fingerprint from ``inputs``: a ``pgtemplate_migrate``
+    function of which only the module's source counts (no Alembic migrations found, no
+    files declared) keeps its template while the migrations it runs change."""
+    labels = [label for label, _ in inputs]
+    if ("migrator", b"callable:migrate") not in inputs or any(
+            label.startswith(("alembic-of-migrate:", "scripts-of-migrate:", "file:")) for label in labels):
+        return ""
+    function = next(label.split(":", 1)[1] for label in labels if label.startswith("migrate:"))
+    return (f"its fingerprint covers only the source of {function}'s module (no Alembic migrations "
+            "found in the project): a change to what it runs is not seen; name those files in "
+            "pgtemplate_fingerprint_files, or rebuild with --pgt-rebuild")
+
+
+# Not searched for migrations: virtualenvs (a pyvenv.cfg), caches, dependencies, builds.
+_NOT_THE_PROJECT = frozenset({"node_modules", "site-packages", "__pycache__", "build", "dist"})
+SCRIPT_DIR_DEPTH = 4
+
+
+def script_dirs(rootdir: Path, depth: int = SCRIPT_DIR_DEPTH) -> list[Path]:
+    """Alembic script directories below ``rootdir`` (an ``env.py`` beside a ``versions/``),
+    at most ``depth`` levels down, resolved, sorted."""
+    found: list[Path] = []
+
+    def walk(directory: Path, level: int) -> None:
+        try:
+            children = sorted(p for p in directory.iterdir() if p.is_dir())
+        except OSError:
+            return
+        if (directory / "env.py").is_file() and (directory / "versions").is_dir():
+            found.append(directory.resolve())
+        if level >= depth:
+            return
+        for child in children:
+            if (child.name.startswith(".") or child.name in _NOT_THE_PROJECT
+                    or (child / "pyvenv.cfg").is_file()):
+                continue
+            walk(child, level + 1)
+
+    walk(rootdir, 0)
+    return found
 
 
 def _is_alembic_ini(path: Path) -> bool:

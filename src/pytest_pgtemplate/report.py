@@ -56,6 +56,7 @@ def worker_payload(runtime: Runtime) -> dict[str, Any]:
             "seconds": template.seconds,
             "worker": runtime.worker,
             "database": runtime.settings.database,
+            "caveat": template.caveat,
         }],
         "clone_seconds": list(runtime.timings.clone_seconds),
         "spare_seconds": list(runtime.timings.spare_seconds),
@@ -101,7 +102,8 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
             lines.append(f"template{label} {name}: built in {built[0]['seconds']:.2f} s "
                          f"(by {built[0]['worker']})")
         else:
-            lines.append(f"template{label} {name}: reused")
+            caveat = seen[0].get("caveat", "")
+            lines.append(f"template{label} {name}: reused" + (f"; {caveat}" if caveat else ""))
     made = [f"{len(seconds)} {how}, {sum(seconds) / len(seconds) * 1000:.0f} ms each on average"
             for seconds, how in ((summary.spare_seconds, "spare(s) of an earlier run taken"),
                                  (summary.clone_seconds, "cloned")) if seconds]

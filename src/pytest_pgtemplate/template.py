@@ -37,7 +37,7 @@ from .downgrade import check_downgrade
 from .errors import PgTemplateError
 from .guard import only_into
 from .migrate import AlembicMigrator, Migrator, Progress, require_alembic_ran
-from .migrators import Seeded
+from .migrators import Seeded, fingerprint_caveat
 from .naming import BUILDING, TEMPLATE, Marker, build_name, template_name
 
 
@@ -47,6 +47,7 @@ class Template:
     fingerprint: str
     built: bool  # True when this process migrated it, False when reused
     seconds: float  # time to build it, or to find it (lock waits included)
+    caveat: str = ""  # what its fingerprint may miss (``fingerprint_caveat``)
 
 
 def notify_stderr(message: str) -> None:
@@ -89,7 +90,8 @@ def prune_notes(directory: Path, max_age: float = 86400.0) -> None:
 def ensure(loop: Loop, admin: Admin, request: BuildRequest) -> Template:
     """Return the template for the migrator's fingerprint, building it if needed."""
     start = time.perf_counter()
-    fp = fingerprint.compute(request.migrator.inputs(), server_major=admin.major, role=admin.role)
+    inputs = request.migrator.inputs()
+    fp = fingerprint.compute(inputs, server_major=admin.major, role=admin.role)
     name = template_name(request.prefix, fp)
     server = hashlib.sha1(where(admin.url).encode(), usedforsecurity=False).hexdigest()[:12]
     shared = lock_dir()
@@ -116,16 +118,19 @@ def ensure(loop: Loop, admin: Admin, request: BuildRequest) -> Template:
             loop.run(admin.unlock(name))
     finally:
         file_lock.release()
-    return Template(name, fp, built, time.perf_counter() - start)
+    return Template(name, fp, built, time.perf_counter() - start, fingerprint_caveat(inputs))
 
 
 async def status(admin: Admin, migrator: Migrator, prefix: str, rebuild: bool) -> str:
     """What ``ensure`` will do, for the report header: ``<name> reused`` / ``to be built``."""
-    fp = fingerprint.compute(migrator.inputs(), server_major=admin.major, role=admin.role)
+    inputs = migrator.inputs()
+    fp = fingerprint.compute(inputs, server_major=admin.major, role=admin.role)
     name = template_name(prefix, fp)
     info = await admin.info(name)
+    caveat = fingerprint_caveat(inputs)
     if _complete(info.marker if info is not None else None, fp):
-        return f"{name} to be rebuilt (--pgt-rebuild)" if rebuild else f"{name} reused"
+        return (f"{name} to be rebuilt (--pgt-rebuild)" if rebuild
+                else f"{name} reused" + (f" ({caveat})" if caveat else ""))
     return f"{name} to be built"
 
 
