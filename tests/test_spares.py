@@ -103,6 +103,10 @@ def test_a_schema_change_after_the_last_reset_leaves_no_spare(project: Project) 
     result = project.run("-p", "no:xdist")
     result.assert_outcomes(passed=11)
     assert not mentions_spares(result)
+    # Said, with the cause: the next run's clone is no mystery.
+    result.stdout.fnmatch_lines(["left no spare for the next run (it clones anew): main's worker "
+                                 "database: its schema was changed (CREATE TABLE public.late) after "
+                                 "the last test"])
     assert project.databases() == [db for db in project.databases() if "_tpl_" in db]
     project.run("-p", "no:xdist", "-k", "async and 0").stdout.fnmatch_lines(
         ["worker databases: 1 cloned, *"])
@@ -142,6 +146,7 @@ def test_a_role_whose_resets_cannot_see_schema_changes_leaves_no_spare(project: 
         result = project.run("-p", "no:xdist")
         result.assert_outcomes(passed=11)
         assert not mentions_spares(result)
+        assert "left no spare" not in result.stdout.str()  # the role's standing limit: no news
         assert spares(project) == []
 
 

@@ -119,7 +119,7 @@ class Marker:
     database: str = ""  # of a template: which of the project's databases it serves
     project: str = ""  # of a template: the project (its rootdir's name) that built it
     source: str = ""  # of a spare: the template it holds the state of (see ``Admin.source``)
-    settings: str = ""  # of a spare: its database settings as created (see ``reset.reusable``)
+    settings: str = ""  # of a spare: its database settings as created (see ``TruncateReset.not_renewed``)
 
     @classmethod
     def new(cls, kind: str, fingerprint: str, run: str, prefix: str, database: str = "",

@@ -20,6 +20,7 @@ class Summary:
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     spared: list[str] = field(default_factory=list)  # worker databases left for the next run
+    not_spared: list[str] = field(default_factory=list)  # why a worker database was not left
     swept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # databases tests reached, none of ours used
@@ -31,8 +32,8 @@ class Summary:
     profile: dict[str, Any] = field(default_factory=dict)  # --pgt-profile: see profile.py
 
     def merge(self, other: dict[str, Any]) -> None:
-        for key in ("templates", "clone_seconds", "spare_seconds", "databases", "kept", "spared", "swept",
-                    "pruned", "foreign"):
+        for key in ("templates", "clone_seconds", "spare_seconds", "databases", "kept", "spared",
+                    "not_spared", "swept", "pruned", "foreign"):
             getattr(self, key).extend(other.get(key, []))
         self.processes += int(other.get("processes", 0))
         self.general_resets += int(other.get("general_resets", 0))
@@ -134,6 +135,8 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
     if summary.spared:
         lines.append(f"left {len(summary.spared)} spare worker database(s), reset, for the next run to take "
                      "(--pgt-no-spares drops them instead; --pgt-gc drops what is left)")
+    for why in dict.fromkeys(summary.not_spared):
+        lines.append(f"left no spare for the next run (it clones anew): {why}")
     for url in summary.kept:
         lines.append(f"kept worker database: {url}")
     return lines

@@ -326,17 +326,23 @@ class TruncateReset:
         return None
 
     async def renew(self, settings: str) -> bool:
-        """Reset, then ``reusable``: True if the database may serve as a fresh clone again."""
-        return await self.reset() is None and await self.reusable(settings)
+        """Reset, then True if the database may serve as a fresh clone again."""
+        return await self.not_renewed(settings) is None
 
-    async def reusable(self, settings: str) -> bool:
-        """After a reset that saw no schema change: whether the database is now as a fresh
-        clone of its template would be, so it may serve again (a later test, a later run).
-        That needs schema changes to be seen at all (the event triggers, a superuser's), no
-        large object (no reset covers them) and the database's settings as created."""
-        return (await self.sees_schema_changes()
-                and not await self.conn.fetchval("SELECT EXISTS (SELECT FROM pg_largeobject_metadata)")
-                and await database_settings(self.conn, self.database) == settings)
+    async def not_renewed(self, settings: str) -> str | None:
+        """Reset; then None if the database is as a fresh clone of its template would be,
+        so it may serve again (a later test, a later run), else why not.  That needs no
+        schema change, schema changes to be seen at all (the event triggers, a superuser's),
+        no large object (no reset covers them) and the database's settings as created."""
+        if (changes := await self.reset()) is not None:
+            return f"its schema was changed ({changes})"
+        if not await self.sees_schema_changes():
+            return "schema changes cannot be seen (the event triggers need a superuser)"
+        if await self.conn.fetchval("SELECT EXISTS (SELECT FROM pg_largeobject_metadata)"):
+            return "it holds large objects, which no reset removes"
+        if await database_settings(self.conn, self.database) != settings:
+            return "its settings were changed (ALTER DATABASE ... SET)"
+        return None
 
     async def sees_schema_changes(self) -> bool:
         """Whether the event triggers that note a test's DDL are there (a superuser's)."""

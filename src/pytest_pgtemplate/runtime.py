@@ -77,8 +77,9 @@ class Runtime:
         self.general_resets = 0  # truncate resets that took the general path (see reset.py)
         self.general_tables = ""  # the tables that send a reset there, and why
         self.spared: str | None = None  # the spare this process left for the next run
+        self.not_spared: str | None = None  # why it left none, when one was to be left
         self._source: str | None = None  # what a spare for this process must hold (Admin.source)
-        self._settings = ""  # the worker database's settings as created (see reset.reusable)
+        self._settings = ""  # the worker database's settings as created (see TruncateReset.not_renewed)
         self._takes = 0  # clones handed to tests
 
     @property
@@ -375,10 +376,13 @@ class Runtime:
         assert self.timings.template is not None
         resetter = self._resetter
         try:
-            if not self.loop.run(resetter.renew(self._settings)):
-                return
-        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST):
-            return  # a spare is only a shortcut: the database is dropped as before
+            why = self.loop.run(resetter.not_renewed(self._settings))
+        except (PgTemplateError, asyncpg.PostgresError, *CONNECTION_LOST) as exc:
+            why = f"its last reset failed ({type(exc).__name__})"
+        if why is not None:  # a spare is only a shortcut: the database is dropped as before
+            if "event triggers" not in why:  # a standing property of the role, not news
+                self.not_spared = f"{self.worker}'s worker database: {why} after the last test"
+            return
         self.spared = spare_name(self.settings.prefix, self.timings.template.fingerprint,
                                  os.urandom(4).hex())
 

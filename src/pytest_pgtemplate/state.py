@@ -210,6 +210,8 @@ class PluginState:
             kept, problems = runtime.close()
             if runtime.spared is not None:
                 self.summary.spared.append(runtime.spared)
+            if runtime.not_spared is not None:
+                self.summary.not_spared.append(runtime.not_spared)
             for problem in problems:
                 notify_terminal(f"cleanup of {runtime.current_name or 'the worker database'} incomplete: "
                                 f"{problem} (the next run's sweep drops what is left)")
