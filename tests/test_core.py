@@ -112,6 +112,26 @@ def test_broken_migration_is_reported_once_and_retried_next_run(
     assert project.log.read_text().count("0003") == 2
 
 
+@pytest.mark.parametrize("xdist", [["-n", "2"], ["-p", "no:xdist"]], ids=["n2", "no-xdist"])
+def test_a_revision_that_cannot_be_imported_is_reported_once_naming_its_file(
+    project: Project, xdist: list[str]
+) -> None:
+    """Alembic imports every revision before env.py runs: a syntax error (or a missing
+    import) there is the migration's error too, said once, not a traceback per test."""
+    path = project.pytester.path / "migrations" / "versions" / "0003_rev.py"
+    path.write_text("revision = '0003'\ndown_revision = '0002'\n\ndef upgrade(:\n    pass\n")
+    project.pytester.makepyfile(test_inner=ISOLATION_SUITE)
+    result = project.run(*xdist)
+    assert result.ret != 0
+    full = [line for line in result.outlines if line.startswith(
+        "pytest-pgtemplate: migration failed in revision 0003 (migrations/versions/0003_rev.py, line 4): "
+        "SyntaxError: ")]
+    assert len(full) == 1, result.outlines
+    assert "Traceback" not in result.stdout.str()
+    assert sum(1 for line in result.outlines if line.startswith("E ")) < 40  # not one traceback a test
+    assert project.databases() == []
+
+
 def test_no_server_contact_when_no_test_uses_a_database(project: Project) -> None:
     project.pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
     result = project.run("-n", "2", "--pgt-url", "postgresql://nobody@127.0.0.1:1/postgres")

@@ -234,7 +234,10 @@ class AlembicMigrator:
         cfg = self._config()
         script = self._script(cfg)
         script_dir = Path(script.dir)
-        progress.total = sum(1 for _ in script.walk_revisions())
+        try:  # loads every revision: one that cannot be imported fails here, before env.py
+            progress.total = sum(1 for _ in script.walk_revisions())
+        except Exception as exc:
+            raise migration_error(exc, script_dir, "while loading the revisions") from exc
         env_py = _parse(script_dir / "env.py")
         wants_connection = _reads_shared_connection(env_py)
         target = _driver_url(cfg, url)
@@ -374,7 +377,8 @@ def _driver_url(cfg: Config, url: URL) -> URL:
     return url.set(drivername=driver)
 
 
-def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
+def migration_error(exc: BaseException, script_dir: Path,
+                    stage: str = "while running env.py") -> PgTemplateError:
     """Name the revision (and file) whose code raised, from the traceback."""
     culprit: Path | None = None
     line: int | None = None
@@ -384,7 +388,7 @@ def migration_error(exc: BaseException, script_dir: Path) -> PgTemplateError:
         path = Path(frame.f_code.co_filename)
         if path.name != "env.py" and script_dir in path.parents:
             culprit, line = path, lineno
-    where = "while running env.py"
+    where = stage
     if culprit is not None:
         revision = _revision_id(culprit)
         at = f", line {line}" if line else ""
