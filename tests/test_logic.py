@@ -487,6 +487,35 @@ async def _divide() -> float:
     return 1 / 0
 
 
+def test_ctrl_c_during_an_inline_loop_run_stops_the_work_at_an_await() -> None:
+    """Ctrl-C must not raise inside the driver's protocol code (a half-read buffer crashed
+    the next read): the work is cancelled where it awaits, then KeyboardInterrupt is raised."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a plain pytest run
+    seen: list[str] = []
+
+    async def interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the next line of this coroutine
+        seen.append("went on to its next await")
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            seen.append("cancelled there")
+            raise
+
+    loop = InlineLoop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(interrupted())
+        assert seen == ["went on to its next await", "cancelled there"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert loop.run(asyncio.sleep(0, result="usable")) == "usable"
+    finally:
+        loop.close()
+        signal.signal(signal.SIGINT, before)
+
+
 def test_inline_loop_sees_a_connection_the_server_ended_while_nobody_ran_it() -> None:
     """Between calls nothing runs the loop; the next call first handles what arrived, so a
     backend ended meanwhile shows as a closed connection (as a loop run by a thread would

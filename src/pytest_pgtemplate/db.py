@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -109,14 +110,22 @@ class InlineLoop:
         with self._lock:
             bounded = coro if timeout is None else asyncio.wait_for(coro, timeout)
             task = self._loop.create_task(_caught_up(bounded))
-            try:
-                return self._loop.run_until_complete(task)
-            except BaseException:
-                if not task.done():  # e.g. Ctrl-C: stop the work instead of leaving it pending
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        self._loop.run_until_complete(asyncio.wait([task], timeout=1))
-                raise
+            with _ctrl_c_cancels(task) as interrupted:
+                try:
+                    result = self._loop.run_until_complete(task)
+                except asyncio.CancelledError:
+                    if interrupted:
+                        raise KeyboardInterrupt from None
+                    raise
+                except BaseException:
+                    if not task.done():  # stop the work instead of leaving it pending
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            self._loop.run_until_complete(asyncio.wait([task], timeout=1))
+                    raise
+            if interrupted:  # the work finished regardless: the interrupt still counts
+                raise KeyboardInterrupt
+            return result
 
     def close(self) -> None:
         with self._lock:
@@ -125,6 +134,34 @@ class InlineLoop:
             with contextlib.suppress(Exception):  # let closed transports finish their callbacks
                 self._loop.run_until_complete(asyncio.sleep(0))
             self._loop.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(task: asyncio.Task[Any]) -> Iterator[list[int]]:
+    """While the main thread runs ``task``: a first Ctrl-C cancels the task (it stops at an
+    ``await``; ``_drive`` then raises KeyboardInterrupt) instead of raising wherever the
+    interpreter is.  Raised inside asyncpg's protocol code (which receives data in C), a
+    KeyboardInterrupt can leave the connection's buffers half-updated, and the next read
+    crashed the process (a segmentation fault, seen in an adoption trial).  A second
+    Ctrl-C raises at once.  The list counts the interrupts."""
+    count: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield count
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        count.append(signum)
+        if len(count) > 1 or task.done():
+            raise KeyboardInterrupt
+        task.cancel()
+        task.get_loop().call_soon_threadsafe(lambda: None)  # wake the loop's selector
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield count
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def _caught_up(coro: Coroutine[Any, Any, T]) -> T:
