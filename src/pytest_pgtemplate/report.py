@@ -127,7 +127,8 @@ def format_summary(summary: Summary, wall: float = 0.0, keep_templates: int = 0)
     if (line := overhead(summary, wall)) is not None:
         lines.append(line)
     if summary.swept:
-        lines.append(f"swept {len(summary.swept)} leftover database(s) of dead runs: "
+        lines.append(f"swept {len(summary.swept)} leftover database(s) (of dead runs, or spares of an "
+                     "older build of a template): "
                      + ", ".join(sorted(summary.swept)))
     if summary.pruned:
         lines.append(f"pruned {len(summary.pruned)} unused template(s) of this project beyond the newest "
