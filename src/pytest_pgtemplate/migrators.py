@@ -266,8 +266,8 @@ def fingerprint_caveat(inputs: list[tuple[str, bytes]]) -> str:
         return ""
     function = next(label.split(":", 1)[1] for label in labels if label.startswith("migrate:"))
     return (f"its fingerprint covers only the source of {function}'s module (no Alembic migrations "
-            "found in the project): a change to what it runs is not seen; name those files in "
-            "pgtemplate_fingerprint_files, or rebuild with --pgt-rebuild")
+            "found in the project): if it reads other files (migrations, SQL, data), a change to them "
+            "is not seen; name them in pgtemplate_fingerprint_files, or rebuild with --pgt-rebuild")
 
 
 # Not searched for migrations: virtualenvs (a pyvenv.cfg), caches, dependencies, builds.
