@@ -947,3 +947,24 @@ def test_fingerprint_caveat_only_for_a_migrate_function_fingerprinted_by_its_mod
     assert fingerprint_caveat([*alone, ("file:db/schema.sql", b"")]) == ""
     assert fingerprint_caveat([("seed:app.db:seed", b""), ("migrator", b"callable:seed")]) == ""
     assert fingerprint_caveat([("migrator", b"alembic")]) == ""
+
+
+def test_a_flask_migrate_env_py_run_by_alembic_gets_the_recipe(tmp_path: Path) -> None:
+    from pytest_pgtemplate.migrate import migration_error
+
+    exc = RuntimeError("Working outside of application context.")
+    text = str(migration_error(exc, tmp_path))
+    assert text.startswith("pytest-pgtemplate: migration failed while running env.py: RuntimeError: "
+                           "Working outside of application context. The template was not published")
+    assert ("This env.py is Flask-Migrate's: it needs the Flask app. Set pgtemplate_migrate to a function "
+            "of yours that runs flask_migrate.upgrade() inside app.app_context()") in text
+
+
+def test_an_unreadable_alembic_ini_names_the_setting(tmp_path: Path) -> None:
+    from pytest_pgtemplate.migrate import AlembicMigrator
+
+    (tmp_path / "alembic.ini").write_text("script_location = migrations\n")  # no section header
+    expected = (r"(?s)pytest-pgtemplate: cannot read .*alembic\.ini: .*Fix it, or set "
+                r"--pgt-alembic-ini / PGTEMPLATE_ALEMBIC_INI / pgtemplate_alembic_ini")
+    with pytest.raises(ConfigError, match=expected):
+        AlembicMigrator(tmp_path / "alembic.ini").inputs()
